@@ -1,0 +1,1 @@
+"""Compression methods: sparsification primitives, the method registry, and the q search."""

@@ -1,0 +1,95 @@
+"""Pure tensor functions that choose which delta entries to keep: seeded random masks and top-k."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+# Odd multipliers below 2**31, so a 32-bit value times one stays below 2**63: int64 never overflows and the
+# arithmetic is exact and identical on every device (CPU, CUDA), torch version and platform.
+_MUL_A = 0x7FEB352D
+_MUL_B = 0x5BD1E995
+_CHUNK = 1 << 22
+
+
+def _mix32_(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xorshift-multiply), in place on an int64 tensor of values in [0, 2**32)."""
+    x ^= x >> 16
+    x *= _MUL_A
+    x &= _MASK32
+    x ^= x >> 15
+    x *= _MUL_B
+    x &= _MASK32
+    x ^= x >> 16
+    return x
+
+
+def _mix32(value: int) -> int:
+    return int(_mix32_(torch.tensor([value & _MASK32], dtype=torch.int64))[0])
+
+
+def stream_key(seed: int, tensor_name: str) -> tuple[int, int]:
+    """Two 32-bit keys that select an independent mask stream per (seed, tensor name)."""
+    if seed < 0:
+        raise ValueError(f"seed must be non-negative, got {seed}")
+    name_key = int.from_bytes(hashlib.sha256(tensor_name.encode()).digest()[:4], "little")
+    seed_key = _mix32((seed & _MASK32) ^ _mix32(seed >> 32))
+    return _mix32(seed_key ^ name_key), _mix32(seed_key + 0x9E3779B9)
+
+
+def keep_threshold(density: float) -> int:
+    """Element i is kept iff its 32-bit hash is below this; density 1 keeps everything."""
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    return min(int(density * 2**32), 2**32)
+
+
+def seeded_keep_indices(
+    numel: int, density: float, seed: int, tensor_name: str, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Sorted int64 flat indices kept by a portable counter-based Bernoulli(density) mask.
+
+    The same (numel, density, seed, tensor_name) gives the same indices on any device, so a delta that
+    stores only its values can regenerate its mask anywhere. Example::
+
+        idx = seeded_keep_indices(4096, 0.01, seed=0, tensor_name="model.layers.0.mlp.up_proj.weight")
+    """
+    if numel >= 2**32:
+        raise ValueError("seeded masks support tensors of fewer than 2**32 elements")
+    key_a, key_b = stream_key(seed, tensor_name)
+    threshold = keep_threshold(density)
+    parts = []
+    for start in range(0, numel, _CHUNK):
+        counter = torch.arange(start, min(start + _CHUNK, numel), dtype=torch.int64, device=device)
+        h = _mix32_(counter ^ key_a)
+        h ^= key_b
+        h = _mix32_(h)
+        parts.append(torch.nonzero(h < threshold).flatten() + start)
+    if not parts:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    return torch.cat(parts)
+
+
+def topk_keep_indices(scores: torch.Tensor, density: float) -> torch.Tensor:
+    """Sorted flat indices of the round(density * n) largest scores of a tensor (magnitude pruning)."""
+    flat = scores.flatten()
+    k = round(density * flat.numel())
+    if k <= 0:
+        return torch.empty(0, dtype=torch.int64, device=scores.device)
+    kept = torch.topk(flat, k, sorted=False).indices
+    return torch.sort(kept).values
+
+
+def rowwise_topk_keep_indices(scores: torch.Tensor, density: float) -> torch.Tensor:
+    """Sorted flat indices of the top round(density * cols) scores in every row of a 2-D tensor."""
+    if scores.dim() != 2:
+        return topk_keep_indices(scores, density)
+    rows, cols = scores.shape
+    k = round(density * cols)
+    if k <= 0:
+        return torch.empty(0, dtype=torch.int64, device=scores.device)
+    cols_kept = torch.topk(scores, k, dim=1, sorted=False).indices  # (rows, k)
+    flat = cols_kept + torch.arange(rows, device=scores.device).unsqueeze(1) * cols
+    return torch.sort(flat.flatten()).values

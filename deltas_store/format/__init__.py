@@ -1,0 +1,1 @@
+"""The delta file format: manifest, index encodings, reading and writing."""

@@ -1,0 +1,17 @@
+"""Progress bars for long steps: shown on a TTY, silent otherwise or with --quiet."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+from typing import Any, TypeVar
+
+from tqdm import tqdm
+
+T = TypeVar("T")
+
+
+def progress(iterable: Iterable[T] | None, *, total: int | None, desc: str, quiet: bool) -> Any:
+    """A tqdm bar over `iterable` (or a manual bar when None), disabled off-TTY or when quiet."""
+    disable = quiet or not sys.stderr.isatty()
+    return tqdm(iterable, total=total, desc=desc, disable=disable, leave=False, dynamic_ncols=True)

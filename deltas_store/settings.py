@@ -1,0 +1,24 @@
+"""Typed settings of the offline commands; every field also reads from a DELTASERVE_* variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class CompressSettings(BaseSettings):
+    """Defaults for `deltaserve compress` (flags override them)."""
+
+    model_config = SettingsConfigDict(env_prefix="DELTASERVE_", extra="ignore")
+
+    method: str = "darex-q"
+    drop_rate: float = Field(0.9, ge=0.0, lt=1.0)
+    q: float | None = None
+    seed: int = Field(0, ge=0)
+    calibration: Path | None = None
+    prune_scope: str = "all"
+    calibration_samples: int = Field(8, ge=1)
+    calibration_tokens: int = Field(128, ge=8)
+    quiet: bool = False

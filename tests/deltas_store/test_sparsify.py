@@ -1,0 +1,72 @@
+"""Masks: seeded, portable, binomially sized; top-k keeps the largest."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from deltas_store.compression.sparsify import (
+    rowwise_topk_keep_indices,
+    seeded_keep_indices,
+    topk_keep_indices,
+)
+
+
+def test_same_seed_same_mask_and_different_seed_or_name_differs() -> None:
+    a = seeded_keep_indices(50_000, 0.1, seed=3, tensor_name="w")
+    assert torch.equal(a, seeded_keep_indices(50_000, 0.1, seed=3, tensor_name="w"))
+    assert not torch.equal(a, seeded_keep_indices(50_000, 0.1, seed=4, tensor_name="w"))
+    assert not torch.equal(a, seeded_keep_indices(50_000, 0.1, seed=3, tensor_name="v"))
+
+
+@pytest.mark.parametrize("density", [0.5, 0.1, 0.01, 0.001])
+def test_kept_count_within_binomial_bounds(density: float) -> None:
+    n = 1_000_000
+    kept = seeded_keep_indices(n, density, seed=11, tensor_name="layer.weight").numel()
+    mean, std = n * density, math.sqrt(n * density * (1 - density))
+    assert abs(kept - mean) < 5 * std
+
+
+def test_mask_is_spatially_uniform() -> None:
+    # The kept fraction in each tenth of the tensor matches the density (no counter-correlated bias).
+    n, density = 1_000_000, 0.05
+    idx = seeded_keep_indices(n, density, seed=1, tensor_name="x")
+    counts = torch.bincount(idx // (n // 10), minlength=10).float()
+    std = math.sqrt(n / 10 * density * (1 - density))
+    assert (counts - n / 10 * density).abs().max() < 5 * std
+
+
+def test_indices_sorted_unique_in_range() -> None:
+    idx = seeded_keep_indices(123_457, 0.3, seed=0, tensor_name="t")
+    assert bool((idx[1:] > idx[:-1]).all()) and int(idx[0]) >= 0 and int(idx[-1]) < 123_457
+
+
+def test_density_one_keeps_all() -> None:
+    assert torch.equal(seeded_keep_indices(1000, 1.0, 5, "t"), torch.arange(1000))
+
+
+def test_mask_identical_in_another_process() -> None:
+    code = (
+        "from deltas_store.compression.sparsify import seeded_keep_indices as f;"
+        "print(f(200000, 0.01, 42, 'model.layers.0.mlp.up_proj.weight').tolist())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    here = seeded_keep_indices(200_000, 0.01, 42, "model.layers.0.mlp.up_proj.weight").tolist()
+    assert out.strip() == str(here)
+
+
+@pytest.mark.gpu
+def test_mask_identical_on_cuda() -> None:
+    cpu = seeded_keep_indices(3_000_000, 0.01, 9, "w")
+    cuda = seeded_keep_indices(3_000_000, 0.01, 9, "w", device="cuda")
+    assert torch.equal(cpu, cuda.cpu())
+
+
+def test_topk_keeps_largest() -> None:
+    scores = torch.tensor([[0.1, 5.0, 0.2], [3.0, 0.0, 4.0]])
+    assert topk_keep_indices(scores, 0.5).tolist() == [1, 3, 5]
+    assert rowwise_topk_keep_indices(scores, 2 / 3).tolist() == [1, 2, 3, 5]
