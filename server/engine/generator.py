@@ -1,0 +1,211 @@
+"""Batched generation on a resident causal LM: left-padded prefill, then one-token decode steps on a KV cache."""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from server.engine.model import LoadedModel
+from server.engine.request import Finished, FinishReason, GenerationRequest
+from server.engine.sampling import choose_tokens, make_generator
+from server.engine.text import TextStream
+from server.errors import ContextLengthError, InvalidRequestError
+
+
+@dataclass
+class _Row:
+    """A request's decoding state inside one batch."""
+
+    request: GenerationRequest
+    text: TextStream
+    generator: torch.Generator | None
+    generated: int = 0
+    done: bool = False
+
+
+class Engine:
+    """Runs batches of requests for whatever weights are resident right now (the scheduler decides which).
+
+    Greedy decoding is the same arithmetic as transformers' `generate(do_sample=False)`: logits of the last
+    position cast to float32, argmax, stop at an EOS token.
+    """
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.device = loaded.device
+        # Fast tokenizers are not safe to use from two threads at once (API encodes, worker decodes).
+        self._tokenizer_lock = threading.Lock()
+        config = self.model.config
+        gen_config = getattr(self.model, "generation_config", None)
+        eos = getattr(gen_config, "eos_token_id", None) or getattr(config, "eos_token_id", None)
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else next(iter(self.eos_ids), 0))
+        self.max_context: int | None = getattr(config, "max_position_embeddings", None)
+        self.vocab_size = int(config.vocab_size)
+        # transformers 5 renamed the forward argument `past_key_values` to `cache`.
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    # --- prompts ---
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        with self._tokenizer_lock:
+            return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+        from jinja2.exceptions import TemplateError  # transformers renders chat templates with jinja2
+
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise InvalidRequestError(
+                "this model has no chat template; use /v1/completions", param="messages"
+            )
+        with self._tokenizer_lock:
+            try:
+                text = self.tokenizer.apply_chat_template(
+                    list(messages), add_generation_prompt=True, tokenize=False
+                )
+            except TemplateError as exc:
+                raise InvalidRequestError(
+                    f"the chat template rejected the messages: {exc}", param="messages"
+                ) from exc
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        with self._tokenizer_lock:
+            return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    def check_length(self, prompt_tokens: int, max_tokens: int | None, default_max_tokens: int) -> int:
+        """The max_tokens to use; raises ContextLengthError when the prompt leaves no room."""
+        if prompt_tokens == 0:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        if self.max_context is None:
+            return max_tokens or default_max_tokens
+        room = self.max_context - prompt_tokens
+        if max_tokens is None:
+            if room < 1:
+                raise ContextLengthError(
+                    f"the prompt has {prompt_tokens} tokens; this model's context is {self.max_context}"
+                )
+            return min(default_max_tokens, room)
+        if max_tokens > room:
+            raise ContextLengthError(
+                f"this model's context is {self.max_context} tokens; the prompt has {prompt_tokens} and "
+                f"max_tokens is {max_tokens}",
+                param="max_tokens",
+            )
+        return max_tokens
+
+    # --- generation ---
+
+    @torch.inference_mode()
+    def generate(self, requests: Sequence[GenerationRequest]) -> int:
+        """Run `requests` to completion with the resident weights; returns the number of tokens generated.
+
+        Results go to each request's sink. If the model fails, every unfinished request gets the error.
+        """
+        rows = [
+            _Row(r, TextStream(self.decode, r.params.stop), None if r.params.greedy else self._generator(r))
+            for r in requests
+            if not r.cancelled
+        ]
+        try:
+            return self._run(rows)
+        except Exception as exc:
+            for row in rows:
+                if not row.done:
+                    row.done = True
+                    row.request.sink.on_error(exc)
+            raise
+
+    def _generator(self, request: GenerationRequest) -> torch.Generator:
+        return make_generator(request.params.seed, self.device)
+
+    def _run(self, rows: list[_Row]) -> int:
+        if not rows:
+            return 0
+        prompts = [r.request.prompt_ids for r in rows]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)  # (B, T) left-padded
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # padding does not shift positions
+        cache = DynamicCache(config=self.model.config)
+        logits = self._forward(ids, mask, positions, cache)
+        total = 0
+        first = True
+        while True:
+            tokens = choose_tokens(logits, [r.request.params for r in rows], [r.generator for r in rows])
+            for row, token in zip(rows, tokens.tolist(), strict=True):
+                if first:
+                    row.request.sink.on_start()
+                total += self._advance(row, int(token))
+            first = False
+            keep = [i for i, r in enumerate(rows) if not r.done]
+            if not keep:
+                return total
+            if len(keep) < len(rows):  # drop finished rows from the batch and the cache
+                index = torch.tensor(keep, device=self.device)
+                rows = [rows[i] for i in keep]
+                tokens, mask, positions = tokens[index], mask[index], positions[index]
+                cache.batch_select_indices(index)
+            mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)  # (B, T+1)
+            positions = positions[:, -1:] + 1  # (B, 1)
+            logits = self._forward(tokens[:, None], mask, positions, cache)
+
+    def _forward(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache
+    ) -> torch.Tensor:
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_kw: cache},
+        )
+        logits: torch.Tensor = out.logits[:, -1, :]
+        return logits.to(dtype=torch.float32)  # (B, V)
+
+    def _advance(self, row: _Row, token: int) -> int:
+        """Feed one sampled token to a row; returns 1 if it counted as generated."""
+        request = row.request
+        if row.done:
+            return 0
+        if request.cancelled:
+            self._finish(row, "cancelled")
+            return 0
+        row.generated += 1
+        if token in self.eos_ids and not request.params.ignore_eos:
+            self._finish(row, "stop")
+            return 1
+        text = row.text.push(token)
+        if text:
+            request.sink.on_text(text)
+        if row.text.stopped:
+            self._finish(row, "stop")
+        elif row.generated >= request.params.max_tokens:
+            self._finish(row, "length")
+        return 1
+
+    def _finish(self, row: _Row, reason: FinishReason) -> None:
+        row.done = True
+        if reason != "cancelled":
+            rest = row.text.finish()
+            if rest:
+                row.request.sink.on_text(rest)
+        row.request.sink.on_finish(
+            Finished(row.text.text, reason, len(row.request.prompt_ids), row.generated)
+        )

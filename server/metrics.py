@@ -1,0 +1,48 @@
+"""Prometheus metrics of one app, in its own CollectorRegistry (several apps may live in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_SWAP_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
+
+
+class ServerMetrics:
+    """Request latency and TTFT histograms, queue depth, swaps and swap seconds, delta cache and residency."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.request_seconds = Histogram(
+            "deltaserve_request_seconds", "end-to-end latency of generation requests", ["model"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.ttft_seconds = Histogram(
+            "deltaserve_time_to_first_token_seconds", "time from arrival to the first generated token",
+            ["model"], buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.requests = Counter(
+            "deltaserve_requests", "finished generation requests", ["model", "finish_reason"], registry=r
+        )
+        self.generated_tokens = Counter("deltaserve_generated_tokens", "tokens generated", registry=r)
+        self.queue_depth = Gauge(
+            "deltaserve_queue_depth", "requests waiting, per model", ["model"], registry=r
+        )
+        self.batches = Counter("deltaserve_batches", "batches run", ["model"], registry=r)
+        self.swaps = Counter("deltaserve_swaps", "weight swaps (a delta applied or restored)", registry=r)
+        self.swap_seconds = Histogram(
+            "deltaserve_swap_seconds", "time to patch or restore the resident weights", buckets=_SWAP_BUCKETS,
+            registry=r,
+        )  # fmt: skip
+        self.cache_bytes = Gauge(
+            "deltaserve_delta_cache_bytes", "bytes of prepared deltas cached", registry=r
+        )
+        self.resident = Gauge(
+            "deltaserve_delta_resident", "1 if the delta is cached in memory, 2 if patched in now", ["delta"],
+            registry=r,
+        )  # fmt: skip
+        self.uploads = Counter("deltaserve_uploads", "delta uploads", ["outcome"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
