@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/python -m deltas_store.demo
+	$(BIN)/deltaserve demo
 
 test: install check
 	$(BIN)/python -m pytest

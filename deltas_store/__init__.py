@@ -22,9 +22,12 @@ _EXPORTS = {
     "DeltaNotFoundError": "deltas_store.errors",
     "CalibrationError": "deltas_store.errors",
     "StoreCorruptedError": "deltas_store.errors",
+    "AdapterError": "deltas_store.errors",
     # checkpoints and fingerprints
     "ModelDir": "deltas_store.checkpoint",
     "base_fingerprint": "deltas_store.fingerprint",
+    "embedded_base_dir": "deltas_store.embedded",
+    "EMBEDDED_ID": "deltas_store.embedded",
     # the file format
     "Delta": "deltas_store.format.io",
     "SparseParam": "deltas_store.format.io",
@@ -45,6 +48,8 @@ _EXPORTS = {
     "CompressOptions": "deltas_store.compress",
     "compress": "deltas_store.compress",
     "METHODS": "deltas_store.compression.registry",
+    "AdamR": "deltas_store.adamr",
+    "LoraFinetune": "deltas_store.lora",
     # applying to a model directory
     "apply_to_dir": "deltas_store.apply",
     # the store

@@ -35,9 +35,14 @@ class ServeCommand:
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         # Defaults are None so that DELTASERVE_* environment variables apply when a flag is not given.
         parser.add_argument(
-            "--base", type=Path, default=None, help="Hugging Face model directory of the base"
+            "--base", type=Path, default=None, help="Hugging Face model directory (default: embedded SmolLM2)"
         )
-        parser.add_argument("--store", type=Path, default=None, help="delta store directory")
+        parser.add_argument(
+            "--store",
+            type=Path,
+            default=None,
+            help="delta store directory (default: ~/.local/share/deltaserve/store)",
+        )
         parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="default auto")
         parser.add_argument(
             "--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None, help="default auto"
@@ -67,9 +72,19 @@ def serve(settings: ServerSettings) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    if not (settings.base / "config.json").is_file():  # fail fast, before the heavy imports
+    base = settings.base
+    if base is None:  # the embedded default: converted once, with a progress message
+        from deltas_store import DeltaStoreError, embedded_base_dir
+
+        try:
+            base = embedded_base_dir()
+        except DeltaStoreError as exc:
+            print(f"deltaserve serve: {exc}", file=sys.stderr)
+            return 2
+        settings = settings.model_copy(update={"base": base})
+    if not (base / "config.json").is_file():  # fail fast, before the heavy imports
         print(
-            f"deltaserve serve: {settings.base}: not a Hugging Face model directory (no config.json)",
+            f"deltaserve serve: {base}: not a Hugging Face model directory (no config.json)",
             file=sys.stderr,
         )
         return 2
@@ -79,7 +94,7 @@ def serve(settings: ServerSettings) -> int:
     from server.app import create_app
 
     try:  # the other common mistakes, before a port is bound
-        ModelDir.open(settings.base).close()
+        ModelDir.open(base).close()
         DeltaStore(settings.store)
     except (DeltaStoreError, OSError) as exc:
         print(f"deltaserve serve: {exc}", file=sys.stderr)

@@ -6,7 +6,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from deltas_store import DeltaStore, ModelDir, base_fingerprint
+from deltas_store import DeltaStore, ModelDir, base_fingerprint, embedded_base_dir
 from server.engine.generator import Engine
 from server.engine.model import load_model
 from server.metrics import ServerMetrics
@@ -51,10 +51,11 @@ class Runtime:
 
 def build_runtime(settings: ServerSettings, metrics: ServerMetrics) -> Runtime:
     """Load the base (blocking, seconds to minutes), open the store, and start the worker thread."""
-    with ModelDir.open(settings.base) as base_dir:
+    base_path = settings.base or embedded_base_dir()
+    with ModelDir.open(base_path) as base_dir:
         fingerprint = base_fingerprint(base_dir)
         base_id = settings.model_id or base_dir.model_id
-    loaded = load_model(settings.base, settings.device, settings.dtype)
+    loaded = load_model(base_path, settings.device, settings.dtype)
     log.info("loaded base %s on %s as %s", base_id, loaded.device, loaded.dtype)
     engine = Engine(loaded)
     weights = dict(loaded.model.named_parameters())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -10,6 +11,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+def default_store_dir() -> Path:
+    """$XDG_DATA_HOME/deltaserve/store, else ~/.local/share/deltaserve/store."""
+    xdg = os.environ.get("XDG_DATA_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".local" / "share") / "deltaserve" / "store"
 
 
 class ServerSettings(BaseSettings):
@@ -22,8 +29,10 @@ class ServerSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="DELTASERVE_", extra="ignore")
 
-    base: Path = Field(description="Hugging Face model directory of the base model")
-    store: Path = Field(description="delta store directory (created if missing)")
+    base: Path | None = Field(
+        default=None, description="Hugging Face model directory of the base (default: the embedded SmolLM2)"
+    )
+    store: Path = Field(default_factory=lambda: default_store_dir(), description="delta store directory")
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     device: Device = "auto"  # auto = cuda when available, else cpu

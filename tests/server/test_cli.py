@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.server.conftest import seeded_store
 
@@ -32,10 +33,38 @@ def test_serve_fails_fast_with_a_clear_message_on_a_bad_base(tmp_path: Path) -> 
     assert r.returncode == 2 and "missing" in r.stderr
 
 
-def test_serve_without_base_names_the_flag_and_the_variable(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_serve_without_base_serves_the_embedded_smollm2(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DELTASERVE_")}
-    r = subprocess.run([*DELTASERVE, "serve"], capture_output=True, text=True, timeout=120, env=env)
-    assert r.returncode == 2 and "--base" in r.stderr and "DELTASERVE_BASE" in r.stderr
+    env["XDG_DATA_HOME"] = str(tmp_path / "data")  # the default store lands here
+    if "DELTASERVE_CACHE_DIR" in os.environ:  # reuse a converted model if the caller keeps one elsewhere
+        env["DELTASERVE_CACHE_DIR"] = os.environ["DELTASERVE_CACHE_DIR"]
+    port = _free_port()
+    proc = subprocess.Popen(
+        [*DELTASERVE, "serve", "--port", str(port), "--log-level", "warning"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            try:
+                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        models = httpx.get(f"{url}/v1/models", timeout=30).json()["data"]
+        assert [m["id"] for m in models] == ["SmolLM2-135M-Instruct"]
+        assert (tmp_path / "data" / "deltaserve" / "store").is_dir()
+        body = {"model": "SmolLM2-135M-Instruct", "prompt": "The capital of France is", "max_tokens": 4}
+        reply = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+        assert reply.status_code == 200 and reply.json()["choices"][0]["text"]
+    finally:
+        proc.terminate()
+        proc.wait(60)
 
 
 def test_sigterm_drains_in_flight_streams(
