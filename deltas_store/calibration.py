@@ -68,7 +68,8 @@ def load_model_fp32(path: Path, config: Mapping[str, Any]) -> torch.nn.Module:
     return model.eval()
 
 
-def tokenize(path: Path, fallback: Path, texts: Iterable[str], max_length: int) -> dict[str, torch.Tensor]:
+def load_tokenizer(path: Path, fallback: Path) -> Any:
+    """The fine-tune's own tokenizer (else the base's), with a pad token."""
     from transformers import AutoTokenizer
 
     for candidate in (path, fallback):
@@ -78,9 +79,14 @@ def tokenize(path: Path, fallback: Path, texts: Iterable[str], max_length: int) 
         except (OSError, ValueError):
             continue
     else:
-        raise CalibrationError(f"no tokenizer in {path} or {fallback}: the label-free q search needs one")
+        raise CalibrationError(f"no tokenizer in {path} or {fallback}: calibration needs one")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def tokenize(path: Path, fallback: Path, texts: Iterable[str], max_length: int) -> dict[str, torch.Tensor]:
+    tokenizer = load_tokenizer(path, fallback)
     batch = tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=max_length)
     return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
@@ -115,6 +121,79 @@ class OutputChange:
         else:
             diff = (out - self.reference).abs()
         return float(diff[mask].mean())
+
+
+@dataclass
+class InputStats:
+    """What a Linear layer saw on the calibration batch, per input feature j (padding excluded)."""
+
+    total: torch.Tensor  # (in,) float64: Σ_t x_tj
+    sq_total: torch.Tensor  # (in,) float64: Σ_t x_tj²
+    tokens: int
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """x̄_j, the mean input per feature (Algorithm 3)."""
+        return self.total / max(self.tokens, 1)
+
+    @property
+    def norm(self) -> torch.Tensor:
+        """‖X_j‖₂ over the calibration tokens (WANDA)."""
+        return self.sq_total.sqrt()
+
+
+class LinearInputRecorder:
+    """Forward hooks on every nn.Linear that accumulate per-feature input statistics.
+
+    Example::
+
+        with LinearInputRecorder(model, batch["attention_mask"]) as rec:
+            model(**batch)
+        rec.stats["model.layers.0.mlp.down_proj"].norm  # (intermediate,)
+    """
+
+    def __init__(self, model: torch.nn.Module, attention_mask: torch.Tensor) -> None:
+        self.model = model
+        self.mask = attention_mask.bool()  # (B, T)
+        self.stats: dict[str, InputStats] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> LinearInputRecorder:
+        for name, module in self.model.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                self._handles.append(module.register_forward_pre_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, name: str) -> Callable[[torch.nn.Module, tuple[Any, ...]], None]:
+        def hook(module: torch.nn.Module, inputs: tuple[Any, ...]) -> None:
+            x = inputs[0].detach().double()
+            if x.dim() >= 3 and tuple(x.shape[:2]) == tuple(self.mask.shape):
+                x = x[self.mask]  # (tokens, in): padding excluded
+            x = x.reshape(-1, x.shape[-1])
+            s = self.stats.get(name)
+            if s is None:
+                zeros = torch.zeros(x.shape[-1], dtype=torch.float64)
+                s = self.stats[name] = InputStats(zeros, zeros.clone(), 0)
+            s.total += x.sum(dim=0)
+            s.sq_total += x.pow(2).sum(dim=0)
+            s.tokens += x.shape[0]
+
+        return hook
+
+
+def linear_layers(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
+    """Every nn.Linear's module name -> the parameter names of its weight (and bias)."""
+    out: dict[str, tuple[str, ...]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            params = [f"{name}.weight"] + ([f"{name}.bias"] if module.bias is not None else [])
+            out[name] = tuple(params)
+    return out
 
 
 def _forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], decoder: bool) -> torch.Tensor:

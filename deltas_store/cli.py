@@ -55,14 +55,39 @@ class _Command:
 
 def _compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("base", type=Path, help="base model directory (Hugging Face, safetensors)")
-    p.add_argument("finetuned", type=Path, help="fine-tuned model directory")
+    p.add_argument(
+        "finetuned", type=Path, help="fine-tuned model directory, or a PEFT LoRA adapter directory"
+    )
     p.add_argument("-o", "--out", type=Path, required=True, help="output delta file (.safetensors)")
-    p.add_argument("--method", help="dare | darex-q | magnitude (default darex-q; DELTASERVE_METHOD)")
+    p.add_argument(
+        "--method",
+        help="dare | darex-q | magnitude | wanda | structural | structural-rows | auto "
+        "(default darex-q; DELTASERVE_METHOD)",
+    )
     p.add_argument("--drop-rate", type=float, help="fraction of delta entries removed, p (default 0.9)")
     p.add_argument(
         "--q", type=float, help="DAREx-q rescale: kept deltas are multiplied by 1/q (else searched)"
     )
-    p.add_argument("--calibration", type=Path, help="text file, one text per line, for the q search")
+    p.add_argument(
+        "--calibration", type=Path, help="text file, one text per line, for the q search and WANDA"
+    )
+    p.add_argument(
+        "--validation",
+        type=Path,
+        help='JSONL for a labeled q search: {"text", "label"} lines (accuracy) or {"prompt", "answer"} '
+        "lines (exact match)",
+    )
+    p.add_argument(
+        "--q-mode",
+        choices=["global", "per-layer", "best"],
+        help="searched q: one global q, per-layer analytic q (Algorithm 3, eta searched), or the better of both",
+    )
+    p.add_argument("--eta", type=float, help="per-layer q: use this eta instead of searching it")
+    p.add_argument(
+        "--mask-seeds",
+        type=int,
+        help="masks the q search averages over (default 1; paper: 4, outlier dropped)",
+    )
     p.add_argument("--seed", type=int, help="mask seed (recorded in the manifest)")
     p.add_argument("--name", help="delta name (default: the output file's stem)")
     p.add_argument(
@@ -97,14 +122,24 @@ def _compress_run(args: argparse.Namespace) -> int:
         calibration_samples=s.calibration_samples,
         calibration_tokens=s.calibration_tokens,
         quiet=args.quiet or s.quiet,
+        q_mode=str(pick(args.q_mode, s.q_mode)),
+        mask_seeds=int(pick(args.mask_seeds, s.mask_seeds)),  # type: ignore[call-overload]
+        eta=args.eta if args.eta is not None else s.eta,
+        validation=args.validation or s.validation,
     )
     result = compress(options)
     m = result.manifest
-    q = f" q={m.q:g}" if m.q is not None else ""
+    q = f" q={m.q:g}" if m.q is not None else (" q per layer" if m.calibration else "")
     print(
         f"wrote {result.path} ({result.file_bytes:,} bytes, {result.file_bytes / result.finetuned_bytes:.2%} "
         f"of the fine-tune): {m.method} p={m.drop_rate:g}{q}, {len(m.params)} tensors"
     )
+    if m.auto is not None:
+        print(f"auto: {m.auto.reason}")
+    if m.calibration is not None and m.calibration.score is not None:
+        print(
+            f"calibration: {m.calibration.metric} = {m.calibration.score:.6g} ({len(m.calibration.grid)} grid points)"
+        )
     return 0
 
 
@@ -118,8 +153,9 @@ def _apply_args(p: argparse.ArgumentParser) -> None:
 @_guarded
 def _apply_run(args: argparse.Namespace) -> int:
     from deltas_store.apply import apply_to_dir
+    from deltas_store.settings import OutputSettings
 
-    out = apply_to_dir(args.base, args.delta, args.out, quiet=args.quiet)
+    out = apply_to_dir(args.base, args.delta, args.out, quiet=args.quiet or OutputSettings().quiet)
     print(f"wrote {out}")
     return 0
 

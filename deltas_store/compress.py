@@ -1,32 +1,40 @@
-"""`deltaserve compress`: base + fine-tune -> a pruned, rescaled sparse delta file."""
+"""`deltaserve compress`: base + fine-tune (or a PEFT LoRA adapter) -> a pruned, rescaled sparse delta file."""
 
 from __future__ import annotations
 
 import datetime as dt
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from deltas_store import calibration as cal
 from deltas_store.checkpoint import ModelDir
-from deltas_store.compression.qsearch import QSearchResult, search_q
-from deltas_store.compression.registry import PruningMethod, get_method
-from deltas_store.extraction import PRUNE_SCOPES, align_names, check_compatible, iter_param_deltas
+from deltas_store.compression.qtuning import Rescaling
+from deltas_store.compression.registry import AUTO, PruningMethod, get_method
+from deltas_store.compression.session import CalibrationSession, measure_and_choose, search_rescaling
+from deltas_store.compression.streaming import StreamedDeltas, stream_deltas
+from deltas_store.extraction import PRUNE_SCOPES, Alignment, align_names, check_compatible
 from deltas_store.fingerprint import base_fingerprint
-from deltas_store.format import encoding as enc
-from deltas_store.format.io import Delta, DenseParam, SparseParam, dtype_name, write_delta
+from deltas_store.format.io import Delta, SparseParam, dtype_name, read_manifest, write_delta
 from deltas_store.format.manifest import BaseInfo, Calibration, Manifest, ParamEntry
-from deltas_store.progress import progress
+from deltas_store.lora import open_finetune
 from deltas_store.store import validate_name
 from deltas_store.version import __version__
+
+Q_MODES = ("global", "per-layer", "best")
 
 
 @dataclass(frozen=True)
 class CompressOptions:
-    """Everything `compress` needs; the CLI fills it from flags and DELTASERVE_* variables."""
+    """Everything `compress` needs; the CLI fills it from flags and DELTASERVE_* variables.
+
+    q search (methods that rescale by 1/q, when `q` is not given): `q_mode` "global" searches one q,
+    "per-layer" Algorithm 3's per-layer q with η searched (or fixed by `eta`), "best" both, keeping the
+    better. Scores average over `mask_seeds` masks (seed, seed + 1, ...; paper: 4, outlier dropped).
+    Label-free by default; labeled with `metric` (model -> score, higher is better) or a `validation` JSONL.
+    """
 
     base: Path
     finetuned: Path
@@ -42,6 +50,11 @@ class CompressOptions:
     calibration_samples: int = 8
     calibration_tokens: int = 128
     quiet: bool = True
+    q_mode: str = "global"
+    mask_seeds: int = 1
+    eta: float | None = None
+    validation: Path | None = None
+    metric: Callable[[torch.nn.Module], float] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -53,74 +66,133 @@ class CompressResult:
     log: list[str] = field(default_factory=list)
 
 
-@dataclass
-class _Kept:
-    """Kept entries of one parameter before rescaling: float32 deltas at sorted flat indices."""
-
-    base_name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    indices: torch.Tensor
-    delta: torch.Tensor
-
-
 def compress(options: CompressOptions) -> CompressResult:
-    """Extract, prune, rescale (searching q when needed) and write a delta file atomically."""
-    method = get_method(options.method)
+    """Extract, prune, rescale (searching q when needed) and write a delta file atomically.
+
+    Example::
+
+        compress(CompressOptions(Path("base"), Path("math-ft"), Path("math.safetensors"), drop_rate=0.99))
+    """
+    if options.method != AUTO:
+        get_method(options.method)  # unknown names fail before any work
+    _validate(options)
+    name = validate_name(options.name or options.out.stem.removesuffix(".delta"))
+    with ModelDir.open(options.base) as base, open_finetune(options.finetuned, base) as ft:
+        alignment = align_names(base, ft)
+        check_compatible(base, ft, alignment)
+        session, auto = None, None
+        if options.method == AUTO:
+            session = _open_session(options, base, ft)
+            auto = measure_and_choose(
+                session,
+                base,
+                ft,
+                alignment,
+                drop_rate=options.drop_rate,
+                seed=options.seed,
+                keep_dense=tuple(re.compile(p) for p in options.keep_dense),
+                prune_scope=options.prune_scope,
+                has_calibration=options.calibration is not None,
+                labeled=options.metric is not None or options.validation is not None,
+                quiet=options.quiet,
+            )
+            q_mode = auto.q_mode if auto.q_mode in Q_MODES else options.q_mode
+            options = replace(options, method=auto.method, q_mode=q_mode)
+        method = get_method(options.method)
+        density = 1.0 - options.drop_rate
+        search = method.rescale == "q" and options.q is None
+        per_layer = search and options.q_mode != "global"
+        if session is None and (search or method.needs_activations):
+            session = _open_session(options, base, ft)
+        objective = None
+        if search and session is not None:  # built before the long pass, so a bad validation file fails early
+            objective = session.labeled(options.metric, options.validation) or session.label_free()
+        seeds = [options.seed + i for i in range(options.mask_seeds if search and method.random else 1)]
+        streamed = stream_deltas(
+            base,
+            ft,
+            alignment,
+            method,
+            density,
+            seeds,
+            keep_dense=tuple(re.compile(p) for p in options.keep_dense),
+            prune_scope=options.prune_scope,
+            inputs=session.inputs if session is not None else None,
+            row_sums=per_layer,
+            quiet=options.quiet,
+        )
+        calibration = None
+        if objective is not None and session is not None:
+            rescaling = search_rescaling(
+                session,
+                base,
+                streamed,
+                objective,
+                options.drop_rate,
+                options.q_mode,
+                options.eta,
+                options.quiet,
+            )
+            calibration = Calibration(
+                metric=objective.metric,
+                score=rescaling.score,
+                source=objective.source,
+                grid=rescaling.grid,
+                details=rescaling.details,
+            )
+        else:
+            scale = method.scale(density, options.q)
+            rescaling = Rescaling(options.q, dict.fromkeys(streamed.params, scale), 0.0, ())
+        manifest = _manifest(options, method, name, base, ft, alignment, streamed, rescaling)
+        manifest = manifest.model_copy(update={"calibration": calibration, "auto": auto})
+        kept = streamed.masks[0]
+        sparse = {
+            n: SparseParam(p.shape, kept[n].indices, (kept[n].delta * rescaling.scales[n]).to(p.dtype))
+            for n, p in streamed.params.items()
+        }
+        path = write_delta(Delta(manifest, sparse, streamed.dense), options.out)
+        ft_bytes = ft.safetensors_bytes()
+    return CompressResult(path, read_manifest(path), path.stat().st_size, ft_bytes)
+
+
+def _validate(options: CompressOptions) -> None:
     if not 0.0 <= options.drop_rate < 1.0:
         raise ValueError(f"drop rate must be in [0, 1), got {options.drop_rate}")
     if options.prune_scope not in PRUNE_SCOPES:
         raise ValueError(f"prune scope must be one of {', '.join(PRUNE_SCOPES)}")
     if options.seed < 0:
         raise ValueError("seed must be non-negative")
+    if options.mask_seeds < 1:
+        raise ValueError(f"mask seeds must be at least 1, got {options.mask_seeds}")
+    if options.q_mode not in Q_MODES:
+        raise ValueError(f"q mode must be one of {', '.join(Q_MODES)}, got {options.q_mode!r}")
+    if options.eta is not None and options.eta <= 0:
+        raise ValueError(f"eta must be positive, got {options.eta}")
     if options.out.is_dir():
         raise ValueError(f"{options.out}: is a directory; -o takes the delta file's path")
-    density = 1.0 - options.drop_rate
+    if options.method == AUTO:
+        return
+    method = get_method(options.method)
     if options.q is not None:
-        method.scale(density, options.q)  # validates the range before any work
-    name = validate_name(options.name or options.out.stem.removesuffix(".delta"))
-    keep_dense = tuple(re.compile(p) for p in options.keep_dense)
-    with ModelDir.open(options.base) as base, ModelDir.open(options.finetuned) as ft:
-        alignment = align_names(base, ft)
-        check_compatible(base, ft, alignment)
-        fingerprint = base_fingerprint(base)
-        kept: dict[str, _Kept] = {}
-        dense: dict[str, DenseParam] = {}
-        unchanged: list[str] = []
-        names = ft.names()
-        for pd in progress(
-            iter_param_deltas(base, ft, alignment, keep_dense=keep_dense, prune_scope=options.prune_scope),
-            total=len(names),
-            desc="diffing",
-            quiet=options.quiet,
-        ):
-            if pd.kind == "unchanged":
-                unchanged.append(pd.name)
-            elif pd.kind == "dense":
-                assert pd.value is not None  # set for every dense ParamDelta
-                dense[pd.name] = DenseParam(pd.value)
-            else:
-                assert pd.delta is not None  # set for every "delta" ParamDelta
-                flat = pd.delta.reshape(-1)
-                idx = method.keep_indices(pd.delta, density, options.seed, pd.name)
-                kept[pd.name] = _Kept(pd.base_name, pd.dtype, pd.shape, idx, flat[idx].clone())
-        q, calibration = options.q, None
-        if method.rescale == "q" and q is None:
-            result, metric, source = _search_q(options, base, kept, density)
-            q = result.q
-            calibration = Calibration(metric=metric, score=result.score, source=source, grid=result.grid)
-        scale = method.scale(density, q)
-        manifest = _manifest(
-            options, method, name, base, ft, fingerprint, alignment, kept, dense, unchanged, q
+        method.scale(1.0 - options.drop_rate, options.q)  # validates the range before any work
+    if options.q_mode != "global" and (method.rescale != "q" or options.q is not None):
+        raise ValueError(
+            f"q mode {options.q_mode!r} searches q: it needs a 1/q method (darex-q, structural) and no --q"
         )
-        manifest = manifest.model_copy(update={"calibration": calibration})
-        sparse = {n: SparseParam(k.shape, k.indices, (k.delta * scale).to(k.dtype)) for n, k in kept.items()}
-        delta = Delta(manifest, sparse, dense)
-        path = write_delta(delta, options.out)
-        ft_bytes = ft.safetensors_bytes()
-    from deltas_store.format.io import read_manifest
+    if (options.validation is not None or options.metric is not None) and (
+        method.rescale != "q" or options.q is not None
+    ):
+        raise ValueError("a validation set or metric drives the q search: it needs a 1/q method and no --q")
+    if options.q_mode != "global" and method.selection == "rows":
+        raise ValueError("per-layer q (Algorithm 3) assumes element- or column-wise masks, not whole rows")
+    if options.q_mode != "global" and options.drop_rate == 0.0:
+        raise ValueError("per-layer q needs a drop rate above 0")
 
-    return CompressResult(path, read_manifest(path), path.stat().st_size, ft_bytes)
+
+def _open_session(options: CompressOptions, base: ModelDir, ft: ModelDir) -> CalibrationSession:
+    return CalibrationSession.open(
+        base, ft, options.calibration, options.calibration_samples, options.calibration_tokens
+    )
 
 
 def _manifest(
@@ -129,39 +201,31 @@ def _manifest(
     name: str,
     base: ModelDir,
     ft: ModelDir,
-    fingerprint: str,
-    alignment: object,
-    kept: dict[str, _Kept],
-    dense: dict[str, DenseParam],
-    unchanged: list[str],
-    q: float | None,
+    alignment: Alignment,
+    streamed: StreamedDeltas,
+    rescaling: Rescaling,
 ) -> Manifest:
     density = 1.0 - options.drop_rate
-    scale = method.scale(density, q)
-    encoding = enc.SEEDED if method.seeded else enc.VARINT_GAPS
     params: dict[str, ParamEntry] = {}
     value_dtypes = set()
-    for n, k in kept.items():
-        value_dtypes.add(dtype_name(k.dtype))
+    for n, p in streamed.params.items():
+        kept = streamed.masks[0][n]
+        value_dtypes.add(dtype_name(p.dtype))
         params[n] = ParamEntry(
             kind="sparse",
-            shape=k.shape,
-            dtype=dtype_name(k.dtype),
-            nnz=int(k.indices.numel()),
-            encoding=encoding,
+            shape=p.shape,
+            dtype=dtype_name(p.dtype),
+            nnz=int(kept.indices.numel()),
+            encoding=method.encoding,
             density=density if method.seeded else None,
-            scale=scale,
-            base_name=k.base_name if k.base_name != n else None,
+            scale=rescaling.scales[n],
+            base_name=p.base_name if p.base_name != n else None,
         )
-    for n, d in dense.items():
+    for n, d in streamed.dense.items():
+        shape = tuple(d.value.shape)
         params[n] = ParamEntry(
-            kind="dense",
-            shape=tuple(d.value.shape),
-            dtype=dtype_name(d.value.dtype),
-            nnz=d.value.numel(),
-            encoding="dense",
+            kind="dense", shape=shape, dtype=dtype_name(d.value.dtype), nnz=d.value.numel(), encoding="dense"
         )
-    num_params = sum(_numel(base.info(n).shape) for n in base.names())
     return Manifest(
         name=name,
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -169,69 +233,22 @@ def _manifest(
         base=BaseInfo(
             id=base.model_id,
             architecture=base.architecture,
-            fingerprint=fingerprint,
+            fingerprint=base_fingerprint(base),
             num_tensors=len(base.names()),
-            num_params=num_params,
+            num_params=sum(torch.Size(base.info(n).shape).numel() for n in base.names()),
         ),
         finetune_id=ft.model_id,
         finetune_architecture=ft.architecture,
         finetune_config=ft.config,
         method=method.name,
         drop_rate=options.drop_rate,
-        q=q,
+        q=rescaling.q,
         seed=options.seed,
         value_dtype=value_dtypes.pop() if len(value_dtypes) == 1 else "mixed",
         prune_scope=options.prune_scope,
-        finetune_prefix=getattr(alignment, "finetune_prefix", ""),
-        base_prefix=getattr(alignment, "base_prefix", ""),
+        finetune_prefix=alignment.finetune_prefix,
+        base_prefix=alignment.base_prefix,
         params=params,
-        unchanged=tuple(unchanged),
+        unchanged=tuple(streamed.unchanged),
         data_sha256="",
     )
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _search_q(
-    options: CompressOptions, base: ModelDir, kept: dict[str, _Kept], density: float
-) -> tuple[QSearchResult, str, str]:
-    """Label-free global q: minimise the last-layer output change against the fine-tune."""
-    texts, source = cal.load_texts(options.calibration)
-    texts = texts[: options.calibration_samples]
-    model = cal.load_model_fp32(options.finetuned, ModelDir.open(options.finetuned).config)
-    decoder = cal.is_decoder(ModelDir.open(options.finetuned).config)
-    batch = cal.tokenize(options.finetuned, options.base, texts, options.calibration_tokens)
-    reference = cal.OutputChange.capture(model, batch, decoder)
-    cal.load_base_into_(model, base, {n: k.base_name for n, k in kept.items()})
-    weights = dict(model.named_parameters())
-    bar = progress(None, total=None, desc="searching q", quiet=options.quiet)
-
-    def score(q: float) -> float:
-        originals: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        with torch.no_grad():
-            for n, k in kept.items():
-                flat = weights[n].view(-1)
-                orig = flat.index_select(0, k.indices)
-                originals.append((flat, k.indices, orig))
-                flat.index_copy_(0, k.indices, orig + k.delta / q)
-        try:
-            return reference.score(model)
-        finally:
-            with torch.no_grad():
-                for flat, idx, orig in originals:
-                    flat.index_copy_(0, idx, orig)
-            bar.update(1)
-
-    try:
-        result = search_q(score, density)
-    finally:
-        bar.close()
-    return result, reference.metric, source
-
-
-ScoreFn = Callable[[float], float]

@@ -45,3 +45,7 @@ class CalibrationError(DeltaStoreError):
 
 class StoreCorruptedError(DeltaStoreError):
     """The store's index is unreadable, or an object file is missing or does not match its recorded hash."""
+
+
+class AdapterError(ModelDirError):
+    """A PEFT adapter directory is malformed or uses a variant deltaserve cannot materialise (DoRA, ...)."""

@@ -8,10 +8,16 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
-class CompressSettings(BaseSettings):
-    """Defaults for `deltaserve compress` (flags override them)."""
+class OutputSettings(BaseSettings):
+    """What every offline command shares: DELTASERVE_QUIET silences progress bars like --quiet."""
 
     model_config = SettingsConfigDict(env_prefix="DELTASERVE_", extra="ignore")
+
+    quiet: bool = False
+
+
+class CompressSettings(OutputSettings):
+    """Defaults for `deltaserve compress` (flags override them)."""
 
     method: str = "darex-q"
     drop_rate: float = Field(0.9, ge=0.0, lt=1.0)
@@ -21,4 +27,7 @@ class CompressSettings(BaseSettings):
     prune_scope: str = "all"
     calibration_samples: int = Field(8, ge=1)
     calibration_tokens: int = Field(128, ge=8)
-    quiet: bool = False
+    q_mode: str = "global"  # global | per-layer | best
+    mask_seeds: int = Field(1, ge=1)  # masks the q search averages over (paper: 4)
+    eta: float | None = Field(None, gt=0.0)  # per-layer q: a fixed η instead of the search
+    validation: Path | None = None  # JSONL for a labeled q search

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from typing import Literal
+
+Goal = Literal["min", "max"]
 
 
 @dataclass(frozen=True)
@@ -20,41 +23,90 @@ def search_q(
     coarse_step: float = 0.05,
     refine: int = 10,
     patience: int = 4,
+    goal: Goal = "min",
 ) -> QSearchResult:
-    """Minimise `score(q)` over q in [density, 1]: coarse pass from q = density, then a `refine`x finer pass.
+    """Optimise `score(q)` over q in [density, 1]: coarse pass from q = density, then a `refine`x finer pass.
 
-    Each pass stops after `patience` consecutive non-improvements (ALGORITHMS.md). q = density is DARE.
-    Example::
+    goal "min" for a label-free output change, "max" for a labeled validation metric. Each pass stops after
+    `patience` consecutive non-improvements (ALGORITHMS.md). q = density is DARE. Example::
 
         search_q(lambda q: (q - 0.3) ** 2, density=0.01).q  # ~0.3
     """
+    return grid_search(
+        score, density, 1.0, coarse_step=coarse_step, refine=refine, patience=patience, goal=goal
+    )
+
+
+def grid_search(
+    score: Callable[[float], float],
+    low: float,
+    high: float,
+    *,
+    coarse_step: float,
+    refine: int = 10,
+    patience: int = 4,
+    goal: Goal = "min",
+    key: Callable[[float], Hashable] | None = None,
+) -> QSearchResult:
+    """Coarse pass upwards from `low` in `coarse_step`s, then a `refine`x finer pass both ways around the best.
+
+    key: points with the same key are the same candidate (e.g. η values that give identical per-layer q's);
+    one already scored is skipped and counts neither as an improvement nor against `patience`.
+    """
+    sign = 1.0 if goal == "min" else -1.0
     seen: dict[float, float] = {}
+    keys: set[Hashable] = set()
 
-    def evaluate(q: float) -> float:
-        q = round(min(max(q, density), 1.0), 6)
-        if q not in seen:
-            seen[q] = score(q)
-        return seen[q]
+    def evaluate(x: float) -> float | None:
+        x = round(min(max(x, low), high), 6)
+        if x not in seen:
+            k = key(x) if key is not None else x
+            if k in keys:
+                return None
+            keys.add(k)
+            seen[x] = score(x)
+        return sign * seen[x]
 
-    best_q, best = density, evaluate(density)
-    misses, q = 0, density
-    while q < 1.0 and misses < patience:
-        q = min(q + coarse_step, 1.0)
-        s = evaluate(q)
+    best_x, first = low, evaluate(low)
+    best = first if first is not None else float("inf")
+    misses, x = 0, low
+    while x < high and misses < patience:
+        x = min(x + coarse_step, high)
+        s = evaluate(x)
+        if s is None:
+            continue
         if s < best:
-            best_q, best, misses = q, s, 0
+            best_x, best, misses = x, s, 0
         else:
             misses += 1
     fine = coarse_step / refine
     for direction in (1.0, -1.0):
-        misses, q = 0, best_q
+        misses, x = 0, best_x
         while misses < patience:
-            q = round(q + direction * fine, 6)
-            if q < density or q > 1.0:
+            x = round(x + direction * fine, 6)
+            if x < low or x > high:
                 break
-            s = evaluate(q)
+            s = evaluate(x)
+            if s is None:
+                continue
             if s < best:
-                best_q, best, misses = q, s, 0
+                best_x, best, misses = x, s, 0
             else:
                 misses += 1
-    return QSearchResult(round(min(max(best_q, density), 1.0), 6), best, tuple(seen.items()))
+    return QSearchResult(round(min(max(best_x, low), high), 6), sign * best, tuple(seen.items()))
+
+
+def robust_mean(scores: Sequence[float]) -> float:
+    """The mean over mask seeds, the outlier seed dropped when there are at least three (paper: 4 seeds).
+
+    The outlier is the score farthest from the median of all of them.
+    """
+    if not scores:
+        raise ValueError("no scores to average")
+    values = list(scores)
+    if len(values) >= 3:
+        ordered = sorted(values)
+        mid = len(ordered) // 2
+        median = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+        values.pop(max(range(len(values)), key=lambda i: abs(values[i] - median)))
+    return sum(values) / len(values)

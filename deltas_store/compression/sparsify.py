@@ -93,3 +93,58 @@ def rowwise_topk_keep_indices(scores: torch.Tensor, density: float) -> torch.Ten
     cols_kept = torch.topk(scores, k, dim=1, sorted=False).indices  # (rows, k)
     flat = cols_kept + torch.arange(rows, device=scores.device).unsqueeze(1) * cols
     return torch.sort(flat.flatten()).values
+
+
+def wanda_keep_indices(delta: torch.Tensor, input_norm: torch.Tensor, density: float) -> torch.Tensor:
+    """Sorted flat indices of the top density fraction per output row of |delta_ij| * ||X_j||_2 (WANDA).
+
+    delta is a Linear weight's delta (out, in); input_norm (in,) is the L2 norm of each input feature over
+    the calibration tokens.
+    """
+    if delta.dim() != 2 or input_norm.shape != (delta.shape[1],):
+        raise ValueError(f"wanda needs a 2-D delta and one norm per column, got {tuple(delta.shape)}")
+    scores = delta.abs() * input_norm.to(delta.device, delta.dtype).unsqueeze(0)  # (out, in)
+    return rowwise_topk_keep_indices(scores, density)
+
+
+def as_rows_cols(shape: tuple[int, ...], axis: str) -> tuple[int, int]:
+    """A tensor seen as a (rows, cols) matrix whose lines along `axis` are dropped whole.
+
+    axis "columns": (product of all but the last dim, last dim); axis "rows": (first dim, product of the
+    rest). A 1-D tensor is one row of columns, or a column of rows: either way its elements drop one by one.
+    """
+    if axis not in ("columns", "rows"):
+        raise ValueError(f"axis must be 'columns' or 'rows', got {axis!r}")
+    numel = 1
+    for d in shape:
+        numel *= d
+    if axis == "columns":
+        cols = shape[-1] if shape else 1
+        return (numel // cols if cols else 0), cols
+    rows = shape[0] if shape else 1
+    return rows, (numel // rows if rows else 0)
+
+
+def seeded_keep_lines(count: int, density: float, seed: int, tensor_name: str) -> torch.Tensor:
+    """Sorted ids of the whole columns (or rows) kept by a seeded Bernoulli(density) mask over `count` lines."""
+    return seeded_keep_indices(count, density, seed, f"{tensor_name}#lines")
+
+
+def lines_to_flat(ids: torch.Tensor, shape: tuple[int, ...], axis: str) -> torch.Tensor:
+    """Sorted flat indices of every element in the kept columns (axis "columns") or rows (axis "rows")."""
+    rows, cols = as_rows_cols(shape, axis)
+    ids = ids.to(torch.int64)
+    if axis == "columns":
+        row_starts = torch.arange(rows, dtype=torch.int64, device=ids.device).unsqueeze(1) * cols
+        return (row_starts + ids.unsqueeze(0)).flatten()  # (rows * kept,), row-major = sorted
+    col_offsets = torch.arange(cols, dtype=torch.int64, device=ids.device).unsqueeze(0)
+    return (ids.unsqueeze(1) * cols + col_offsets).flatten()
+
+
+def structural_keep_indices(
+    shape: tuple[int, ...], density: float, seed: int, tensor_name: str, axis: str
+) -> torch.Tensor:
+    """Sorted flat indices of a structural mask that keeps whole columns (or rows) with probability density."""
+    rows, cols = as_rows_cols(shape, axis)
+    ids = seeded_keep_lines(cols if axis == "columns" else rows, density, seed, tensor_name)
+    return lines_to_flat(ids, shape, axis)

@@ -1,4 +1,5 @@
-"""Index encodings for sparse deltas: seeded (no index data), varint gaps, and plain sorted int32."""
+"""Index encodings for sparse deltas: seeded (no index data), varint gaps, plain sorted int32, and the
+structural encodings that store only the ids of kept whole columns or rows."""
 
 from __future__ import annotations
 
@@ -6,13 +7,16 @@ from typing import Final
 
 import torch
 
-from deltas_store.compression.sparsify import seeded_keep_indices
+from deltas_store.compression.sparsify import as_rows_cols, lines_to_flat, seeded_keep_indices
 from deltas_store.errors import DeltaFormatError
 
 SEEDED: Final = "seeded"
 VARINT_GAPS: Final = "varint_gaps"
 INDICES_I32: Final = "indices_i32"
-INDEX_ENCODINGS = (SEEDED, VARINT_GAPS, INDICES_I32)
+COLUMNS: Final = "columns"  # `P::columns`: sorted int32 ids of kept last-dim columns; every row keeps them
+ROWS: Final = "rows"  # `P::rows`: sorted int32 ids of kept first-dim rows, each kept whole
+LINE_ENCODINGS = (COLUMNS, ROWS)
+INDEX_ENCODINGS = (SEEDED, VARINT_GAPS, INDICES_I32, COLUMNS, ROWS)
 _MAX_VARINT_BYTES = 5  # 35 bits: enough for any gap inside a tensor of < 2**32 elements
 
 
@@ -92,3 +96,28 @@ def regenerate_seeded(count: int, numel: int, density: float, seed: int, tensor_
             f"{tensor_name}: the seeded mask keeps {indices.numel()} values, the file holds {count}"
         )
     return indices
+
+
+def encode_lines(indices: torch.Tensor, shape: tuple[int, ...], axis: str) -> torch.Tensor:
+    """The int32 ids of the whole columns (or rows) that sorted flat `indices` cover; ValueError otherwise."""
+    _, cols = as_rows_cols(shape, axis)
+    idx = indices.to(torch.int64).flatten().cpu()
+    if idx.numel() == 0:
+        return torch.empty(0, dtype=torch.int32)
+    ids: torch.Tensor = torch.unique(idx % cols if axis == COLUMNS else idx // cols)  # sorted
+    if not torch.equal(lines_to_flat(ids, shape, axis), idx):
+        raise ValueError(f"indices do not cover whole {axis} of a tensor of shape {shape}")
+    return ids.to(torch.int32)
+
+
+def decode_lines(data: torch.Tensor, count: int, shape: tuple[int, ...], axis: str) -> torch.Tensor:
+    """Sorted int64 flat indices of the kept columns (or rows); bounds- and count-checked."""
+    if data.dtype != torch.int32 or data.dim() != 1:
+        raise DeltaFormatError(f"{axis} ids must be a 1-D int32 tensor")
+    rows, cols = as_rows_cols(shape, axis)
+    lines, per_line = (cols, rows) if axis == COLUMNS else (rows, cols)
+    if data.numel() * per_line != count:
+        raise DeltaFormatError(f"{data.numel()} kept {axis} of {per_line} values each, manifest says {count}")
+    ids = data.to(torch.int64)
+    check_indices(ids, lines)
+    return lines_to_flat(ids, shape, axis)

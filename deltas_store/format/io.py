@@ -94,6 +94,8 @@ def encode_tensors(delta: Delta) -> dict[str, torch.Tensor]:
             tensors[f"{name}::gaps"] = enc.encode_varint_gaps(sp.indices)
         elif entry.encoding == enc.INDICES_I32:
             tensors[f"{name}::indices"] = sp.indices.to(torch.int32).cpu()
+        elif entry.encoding in enc.LINE_ENCODINGS:
+            tensors[f"{name}::{entry.encoding}"] = enc.encode_lines(sp.indices, entry.shape, entry.encoding)
     for name, dp in delta.dense.items():
         tensors[f"{name}::dense"] = dp.value.contiguous().cpu()
     return tensors
@@ -157,6 +159,8 @@ def _expected_keys(
         keys[f"{name}::gaps"] = (torch.uint8, (-1,))
     elif entry.encoding == enc.INDICES_I32:
         keys[f"{name}::indices"] = (torch.int32, (entry.nnz,))
+    elif entry.encoding in enc.LINE_ENCODINGS:
+        keys[f"{name}::{entry.encoding}"] = (torch.int32, (-1,))
     return keys
 
 
@@ -215,6 +219,10 @@ def decode_delta(
             indices = enc.decode_varint_gaps(tensors[f"{name}::gaps"], entry.nnz, numel)
         elif entry.encoding == enc.INDICES_I32:
             indices = enc.decode_indices_i32(tensors[f"{name}::indices"], entry.nnz, numel)
+        elif entry.encoding in enc.LINE_ENCODINGS:
+            indices = enc.decode_lines(
+                tensors[f"{name}::{entry.encoding}"], entry.nnz, entry.shape, entry.encoding
+            )
         else:
             raise DeltaFormatError(f"{where}: {name} has unknown encoding {entry.encoding!r}")
         sparse[name] = SparseParam(entry.shape, indices.to(device), tensors[f"{name}::values"].to(device))

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+)
 
 from deltas_store.errors import DeltaFormatError
 
@@ -13,7 +20,7 @@ FORMAT_VERSION = 1
 MANIFEST_KEY = "deltaserve.manifest"
 MANIFEST_DIGEST_KEY = "deltaserve.manifest_sha256"
 
-Encoding = Literal["seeded", "varint_gaps", "indices_i32", "dense"]
+Encoding = Literal["seeded", "varint_gaps", "indices_i32", "columns", "rows", "dense"]
 
 
 class _Frozen(BaseModel):
@@ -53,6 +60,15 @@ class Calibration(_Frozen):
     details: dict[str, Any] = Field(default_factory=dict)
 
 
+class AutoSelection(_Frozen):
+    """What `--method auto` measured and why it chose the method the delta was made with."""
+
+    method: str
+    q_mode: str
+    reason: str
+    measured: dict[str, Any] = Field(default_factory=dict)
+
+
 class Manifest(_Frozen):
     format: Literal["deltaserve.delta"] = FORMAT_NAME
     format_version: int = FORMAT_VERSION
@@ -74,7 +90,17 @@ class Manifest(_Frozen):
     params: dict[str, ParamEntry]
     unchanged: tuple[str, ...] = ()  # fine-tune parameters equal to the base (stored nowhere)
     calibration: Calibration | None = None
+    # Set when `--method auto` chose the method; left out of the JSON otherwise, so files made without it are
+    # byte-for-byte what earlier versions wrote.
+    auto: AutoSelection | None = None
     data_sha256: str
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_auto(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("auto", 0) is None:
+            del data["auto"]
+        return data
 
     @property
     def density(self) -> float:
