@@ -47,8 +47,8 @@ sys.path.insert(0, str(ROOT))
 from deltas_store import AdamR  # noqa: E402
 from deltas_store.apply import materialize  # noqa: E402
 from deltas_store.checkpoint import ModelDir  # noqa: E402
-from deltas_store.compress import CompressOptions, CompressResult, compress  # noqa: E402
 from deltas_store.compression.autoselect import DeltaStats  # noqa: E402
+from deltas_store.compression.pipeline import CompressOptions, CompressResult, compress  # noqa: E402
 from deltas_store.embedded import cache_root, embedded_base_dir  # noqa: E402
 from deltas_store.extraction import align_names, iter_param_deltas  # noqa: E402
 from deltas_store.format.io import read_delta  # noqa: E402

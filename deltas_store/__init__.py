@@ -7,7 +7,48 @@ imported only when a tensor-level name is first used.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # real imports for type checkers; at run time names resolve lazily below
+    from deltas_store.adamr import AdamR as AdamR
+    from deltas_store.apply import apply_to_dir as apply_to_dir
+    from deltas_store.checkpoint import ModelDir as ModelDir
+    from deltas_store.compression.pipeline import CompressOptions as CompressOptions
+    from deltas_store.compression.pipeline import compress as compress
+    from deltas_store.compression.registry import METHODS as METHODS
+    from deltas_store.embedded import EMBEDDED_ID as EMBEDDED_ID
+    from deltas_store.embedded import embedded_base_dir as embedded_base_dir
+    from deltas_store.errors import AdapterError as AdapterError
+    from deltas_store.errors import ArchitectureMismatchError as ArchitectureMismatchError
+    from deltas_store.errors import BaseMismatchError as BaseMismatchError
+    from deltas_store.errors import CalibrationError as CalibrationError
+    from deltas_store.errors import DeltaFormatError as DeltaFormatError
+    from deltas_store.errors import DeltaNotFoundError as DeltaNotFoundError
+    from deltas_store.errors import DeltaStoreError as DeltaStoreError
+    from deltas_store.errors import InvalidNameError as InvalidNameError
+    from deltas_store.errors import ModelDirError as ModelDirError
+    from deltas_store.errors import StoreCorruptedError as StoreCorruptedError
+    from deltas_store.errors import UnknownMethodError as UnknownMethodError
+    from deltas_store.errors import UnsafeCheckpointError as UnsafeCheckpointError
+    from deltas_store.fingerprint import base_fingerprint as base_fingerprint
+    from deltas_store.format.io import Delta as Delta
+    from deltas_store.format.io import DenseParam as DenseParam
+    from deltas_store.format.io import SparseParam as SparseParam
+    from deltas_store.format.io import manifest_summary as manifest_summary
+    from deltas_store.format.io import read_delta as read_delta
+    from deltas_store.format.io import read_manifest as read_manifest
+    from deltas_store.format.io import write_delta as write_delta
+    from deltas_store.format.manifest import Manifest as Manifest
+    from deltas_store.lora import LoraFinetune as LoraFinetune
+    from deltas_store.patching import PreparedDelta as PreparedDelta
+    from deltas_store.patching import SavedOriginals as SavedOriginals
+    from deltas_store.patching import apply_delta_ as apply_delta_
+    from deltas_store.patching import check_base as check_base
+    from deltas_store.patching import prepare_delta as prepare_delta
+    from deltas_store.patching import restore_ as restore_
+    from deltas_store.store import DeltaStore as DeltaStore
+    from deltas_store.store import StoredDelta as StoredDelta
+    from deltas_store.store import validate_name as validate_name
 
 _EXPORTS = {
     # errors
@@ -45,8 +86,8 @@ _EXPORTS = {
     "apply_delta_": "deltas_store.patching",
     "restore_": "deltas_store.patching",
     # compression
-    "CompressOptions": "deltas_store.compress",
-    "compress": "deltas_store.compress",
+    "CompressOptions": "deltas_store.compression.pipeline",
+    "compress": "deltas_store.compression.pipeline",
     "METHODS": "deltas_store.compression.registry",
     "AdamR": "deltas_store.adamr",
     "LoraFinetune": "deltas_store.lora",

@@ -99,7 +99,7 @@ def _compress_args(p: argparse.ArgumentParser) -> None:
 
 @_guarded
 def _compress_run(args: argparse.Namespace) -> int:
-    from deltas_store.compress import CompressOptions, compress
+    from deltas_store.compression.pipeline import CompressOptions, compress
     from deltas_store.settings import CompressSettings
 
     s = CompressSettings()

@@ -77,8 +77,7 @@ def _sha256(path: Path) -> str:
 
 def build_variants(base: Path, work: Path, *, steps: int, drop_rate: float) -> dict[str, Path]:
     """Fine-tune and compress each variant, reusing earlier results from `work`."""
-    from deltas_store import CompressOptions, read_manifest
-    from deltas_store.compress import compress
+    from deltas_store import CompressOptions, compress, read_manifest
     from deltas_store.finetune import ChatExample, finetune_chat
 
     deltas: dict[str, Path] = {}

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from deltas_store.compress import CompressOptions, compress
 from deltas_store.compression.autoselect import LARGE_RELATIVE_DELTA, DeltaStats, decide
+from deltas_store.compression.pipeline import CompressOptions, compress
 from deltas_store.format.io import read_manifest
 from tests.models import perturb
 

@@ -18,7 +18,7 @@ import torch
 from client.cli import main
 from deltas_store.apply import apply_to_dir
 from deltas_store.checkpoint import ModelDir
-from deltas_store.compress import CompressOptions, compress
+from deltas_store.compression.pipeline import CompressOptions, compress
 from deltas_store.errors import (
     ArchitectureMismatchError,
     BaseMismatchError,

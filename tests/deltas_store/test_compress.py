@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from deltas_store.apply import apply_to_dir
-from deltas_store.compress import CompressOptions, compress
+from deltas_store.compression.pipeline import CompressOptions, compress
 from deltas_store.compression.sparsify import seeded_keep_indices
 from deltas_store.format.io import read_delta
 from tests.models import cast_dir, perturb

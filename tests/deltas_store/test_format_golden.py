@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from deltas_store.checkpoint import ModelDir
-from deltas_store.compress import CompressOptions, compress
+from deltas_store.compression.pipeline import CompressOptions, compress
 from deltas_store.compression.sparsify import seeded_keep_indices
 from deltas_store.fingerprint import base_fingerprint
 from deltas_store.format.encoding import decode_varint_gaps, encode_varint_gaps

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from deltas_store.apply import apply_to_dir
 from deltas_store.checkpoint import ModelDir
-from deltas_store.compress import CompressOptions, compress
+from deltas_store.compression.pipeline import CompressOptions, compress
 from deltas_store.errors import AdapterError
 from deltas_store.format.io import read_manifest
 from deltas_store.lora import LoraFinetune, is_adapter_dir, lora_delta, open_finetune, pattern_value

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from deltas_store import calibration as cal
-from deltas_store.compress import CompressOptions, compress
+from deltas_store.compression.pipeline import CompressOptions, compress
 from deltas_store.compression.qsearch import robust_mean, search_q
 from deltas_store.compression.sparsify import wanda_keep_indices
 from deltas_store.format.io import read_delta

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from deltas_store.apply import apply_to_dir
-from deltas_store.compress import CompressOptions, compress
+from deltas_store.compression.pipeline import CompressOptions, compress
 from deltas_store.compression.sparsify import as_rows_cols, seeded_keep_lines, structural_keep_indices
 from deltas_store.errors import DeltaFormatError
 from deltas_store.format.encoding import decode_lines, encode_lines

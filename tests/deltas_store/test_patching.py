@@ -9,7 +9,7 @@ import torch
 
 from deltas_store.apply import materialize
 from deltas_store.checkpoint import ModelDir
-from deltas_store.compress import CompressOptions, compress
+from deltas_store.compression.pipeline import CompressOptions, compress
 from deltas_store.errors import ArchitectureMismatchError, BaseMismatchError
 from deltas_store.fingerprint import base_fingerprint
 from deltas_store.format.io import SparseParam, read_delta

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from deltas_store.compress import CompressOptions, compress
 from deltas_store.compression.perlayer import RowSums, layer_q, per_tensor_q, phi, row_q
+from deltas_store.compression.pipeline import CompressOptions, compress
 
 
 def _sequential_scan(s1: torch.Tensor, s2: torch.Tensor, p: float, eta: float) -> torch.Tensor:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from deltas_store.apply import apply_to_dir
-from deltas_store.compress import CompressOptions, compress
+from deltas_store.compression.pipeline import CompressOptions, compress
 from deltas_store.embedded import embedded_base_dir
 from deltas_store.format.io import read_delta
 from deltas_store.patching import apply_delta_, prepare_delta, restore_

@@ -17,11 +17,7 @@ import torch
 import uvicorn
 from fastapi import FastAPI
 
-from deltas_store import DeltaStore, apply_to_dir
-from deltas_store.compress import (  # the package attribute `compress` is shadowed by the submodule
-    CompressOptions,
-    compress,
-)
+from deltas_store import CompressOptions, DeltaStore, apply_to_dir, compress
 from server.app import create_app
 from server.runtime import Runtime
 from server.settings import ServerSettings
