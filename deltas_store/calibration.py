@@ -11,6 +11,7 @@ import torch
 
 from deltas_store.checkpoint import ModelDir
 from deltas_store.errors import CalibrationError
+from deltas_store.progress import transformers_bars_off
 
 # Built-in generic text, used when no --calibration file is given (one text per line).
 GENERIC_TEXT = """\
@@ -55,16 +56,8 @@ def load_model_fp32(path: Path, config: Mapping[str, Any]) -> torch.nn.Module:
     cls = getattr(transformers, str(archs[0]), None) if archs else None
     if cls is None:
         cls = transformers.AutoModelForCausalLM if is_decoder(config) else transformers.AutoModel
-    from transformers.utils import logging as hf_logging
-
-    # transformers draws its own "Loading weights" bar even off a TTY; our "searching q" bar covers this step.
-    shown = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-    try:
+    with transformers_bars_off():  # our "searching q" bar covers this step
         model: torch.nn.Module = cls.from_pretrained(path, dtype=torch.float32)
-    finally:
-        if shown:
-            hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
     return model.eval()
 
 

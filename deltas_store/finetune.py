@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from deltas_store.progress import progress
+from deltas_store.progress import progress, transformers_bars_off
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,8 @@ def finetune_chat(
         return out_dir
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    with transformers_bars_off():
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     if trainable is not None:
         pattern = re.compile(trainable)
         for name, param in model.named_parameters():
@@ -85,7 +86,8 @@ def finetune_chat(
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         model.eval()  # type: ignore[no-untyped-call]
-        model.save_pretrained(staging, safe_serialization=True)
+        with transformers_bars_off():
+            model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         staging.rename(out_dir)
     finally:

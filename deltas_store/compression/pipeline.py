@@ -142,7 +142,8 @@ def compress(options: CompressOptions) -> CompressResult:
             )
         else:
             scale = method.scale(density, options.q)
-            rescaling = Rescaling(options.q, dict.fromkeys(streamed.params, scale), 0.0, ())
+            q = options.q if method.rescale == "q" else None  # a --q a method ignores is not recorded
+            rescaling = Rescaling(q, dict.fromkeys(streamed.params, scale), 0.0, ())
         manifest = _manifest(options, method, name, base, ft, alignment, streamed, rescaling)
         manifest = manifest.model_copy(update={"calibration": calibration, "auto": auto})
         kept = streamed.masks[0]

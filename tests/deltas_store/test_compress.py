@@ -170,3 +170,12 @@ def test_p099_delta_is_small(tiny_llama_dir: Path, tmp_path: Path) -> None:
         CompressOptions(base, ft, tmp_path / "d.safetensors", method="darex-q", q=0.2, drop_rate=0.99)
     )
     assert r.file_bytes <= 0.03 * r.finetuned_bytes, (r.file_bytes, r.finetuned_bytes)
+
+
+def test_q_is_recorded_only_for_methods_that_rescale_by_q(
+    tiny_llama_dir: Path, tiny_llama_finetunes: dict[str, Path], tmp_path: Path
+) -> None:
+    ft = tiny_llama_finetunes["ft-0"]
+    dare = compress(CompressOptions(tiny_llama_dir, ft, tmp_path / "a.safetensors", method="dare", q=0.5))
+    assert dare.manifest.q is None
+    assert all(e.scale == pytest.approx(1 / 0.1) for e in dare.manifest.params.values())
