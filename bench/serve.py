@@ -32,8 +32,7 @@ import uvicorn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from deltas_store import DeltaStore  # noqa: E402
-from deltas_store.compress import CompressOptions, compress  # noqa: E402
+from deltas_store import CompressOptions, DeltaStore, compress  # noqa: E402
 from server.app import create_app  # noqa: E402
 from server.settings import ServerSettings  # noqa: E402
 from tests.models import perturb, write_tokenizer  # noqa: E402
