@@ -1,12 +1,20 @@
-"""Serving benchmark: tokens/s and p50/p99 latency with 1, 4 and 16 deltas vs the base alone, in one run.
+"""Serving benchmark: tokens/s, TTFT and latency over many deltas vs the base alone and a naive server, one run.
 
-Each scenario sends the same number of requests through a live server (uvicorn on loopback, real HTTP),
-every request naming a model drawn uniformly at random from the scenario's set. Writes
-bench/results/serve.md (table) and bench/results/serve.json (raw numbers).
+Servers (uvicorn on loopback, real HTTP, streamed completions), all in this process and measured interleaved:
 
-    python bench/serve.py --quick          # tiny random Llama, under a minute on a laptop CPU
-    python bench/serve.py --model small    # a larger random Llama
-    python bench/serve.py --model smollm2 --device cuda
+  * base    — requests for the base model only: the upper bound;
+  * naive   — merged batches, and every switch copies a whole fine-tuned weight set (swap_mode=full);
+  * merged  — merged batches, a sparse delta hot-swap per switch (batch_mode=merged);
+  * mixed   — every batch mixes deltas as side products on the base (batch_mode=mixed);
+  * auto    — the default: merged when one delta dominates the queue, mixed otherwise.
+
+Scenarios: N deltas, a uniform or Zipf(1.1) request mix over them, C concurrent closed-loop clients. Each
+configuration prints one line `mode=... deltas=N mix=... concurrency=C tokens_per_s=X ratio_to_base=R`
+(the base-only figure at the same concurrency is R's denominator). Writes bench/results/serve.{md,json}
+(serve-quick.* with --quick).
+
+    python bench/serve.py --quick --threads 1     # tiny Llama, the two target scenarios, under a minute
+    python bench/serve.py --model smollm2         # the full grid (long)
 """
 
 from __future__ import annotations
@@ -15,13 +23,14 @@ import argparse
 import json
 import platform
 import random
+import shutil
 import socket
 import statistics
 import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +53,27 @@ PROMPTS = [
     "Hello world! How are you today?",
     "A sparse delta stores only what changed",
 ]
+MODES: dict[str, dict[str, Any]] = {
+    "base": {"batch_mode": "merged"},
+    "naive": {"batch_mode": "merged", "swap_mode": "full"},
+    "merged": {"batch_mode": "merged"},
+    "mixed": {"batch_mode": "mixed"},
+    "auto": {"batch_mode": "auto"},
+}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    deltas: int
+    mix: str  # uniform | zipf
+    concurrency: int
+
+    def models(self, mode: str, count: int, rng: random.Random) -> list[str]:
+        if mode == "base":
+            return [BASE_ID] * count
+        names = [f"d{i}" for i in range(self.deltas)]
+        weights = [1.0 / (k + 1) ** 1.1 for k in range(self.deltas)] if self.mix == "zipf" else None
+        return rng.choices(names, weights=weights, k=count)
 
 
 def write_random_llama(out: Path, hidden: int, layers: int, seed: int = 0) -> Path:
@@ -70,16 +100,19 @@ def base_model(kind: str, root: Path) -> Path:
     return Path(embedded_base_dir())
 
 
-def build_store(base: Path, root: Path, n: int, drop_rate: float) -> Path:
+def build_store(base: Path, root: Path, n: int, distinct: int, drop_rate: float) -> Path:
+    """`n` served deltas d0..d{n-1}; `distinct` real compressed fine-tunes, reused round-robin (every name is
+    still loaded, cached, swapped and mixed on its own: the server never shares state between names)."""
     store = DeltaStore(root / "store")
-    for i in range(n):
+    files = []
+    for i in range(min(n, distinct)):
         ft = perturb(base, root / f"ft-{i}", scale=0.05, seed=100 + i)
         out = root / f"d-{i}.safetensors"
         compress(CompressOptions(base, ft, out, method="dare", drop_rate=drop_rate, seed=i))
-        store.put(f"d{i}", out, move=True)
-        for f in ft.iterdir():
-            f.unlink()
-        ft.rmdir()
+        shutil.rmtree(ft)
+        files.append(out)
+    for i in range(n):
+        store.put(f"d{i}", files[i % len(files)])
     return root / "store"
 
 
@@ -101,128 +134,209 @@ def start(settings: ServerSettings) -> tuple[str, uvicorn.Server, threading.Thre
     raise RuntimeError("server did not become ready")
 
 
-def run_scenario(
-    url: str, models: list[str], requests: int, concurrency: int, max_tokens: int, seed: int
-) -> dict[str, Any]:
+def run(url: str, models: list[str], concurrency: int, max_tokens: int, seed: int) -> dict[str, Any]:
+    """Closed loop: `concurrency` clients stream completions for `models` (one request each) until done."""
     rng = random.Random(seed)
-    jobs = [(rng.choice(models), rng.choice(PROMPTS)) for _ in range(requests)]
+    jobs = [(m, rng.choice(PROMPTS)) for m in models]
+    lock = threading.Lock()
+    results: list[tuple[float, float, int]] = []  # (ttft, latency, tokens)
     client = httpx.Client(base_url=url, timeout=600)
 
-    def one(job: tuple[str, str]) -> tuple[float, int]:
-        t0 = time.perf_counter()
-        r = client.post("/v1/completions", json={"model": job[0], "prompt": job[1], "max_tokens": max_tokens,
-                                                 "temperature": 0, "ignore_eos": True})  # fmt: skip
-        r.raise_for_status()
-        return time.perf_counter() - t0, int(r.json()["usage"]["completion_tokens"])
+    def worker() -> None:
+        while True:
+            with lock:
+                if not jobs:
+                    return
+                model, prompt = jobs.pop()
+            body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                    "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+            t0 = time.perf_counter()
+            ttft, tokens = None, 0
+            with client.stream("POST", "/v1/completions", json=body) as r:
+                r.raise_for_status()
+                for line in r.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    event = json.loads(line[6:])
+                    if ttft is None and event.get("choices") and event["choices"][0].get("text"):
+                        ttft = time.perf_counter() - t0
+                    if event.get("usage"):
+                        tokens = int(event["usage"]["completion_tokens"])
+            latency = time.perf_counter() - t0
+            with lock:
+                results.append((ttft if ttft is not None else latency, latency, tokens))
 
-    before = _swaps(client)
+    before = _metric(client, "deltaserve_swaps_total")
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(one, jobs))
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     wall = time.perf_counter() - t0
-    swaps = _swaps(client) - before
+    out = {"wall_s": wall, "results": results, "swaps": _metric(client, "deltaserve_swaps_total") - before,
+           "cache_bytes": _metric(client, "deltaserve_delta_cache_bytes")}  # fmt: skip
     client.close()
-    return {"models": len(models), "latencies": [lat for lat, _ in results], "tokens": sum(n for _, n in results),
-            "wall_s": wall, "swaps": swaps}  # fmt: skip
+    return out
 
 
-def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    latencies = sorted(lat for run in runs for lat in run["latencies"])
-    tokens = sum(run["tokens"] for run in runs)
-    wall = sum(run["wall_s"] for run in runs)
-    return {
-        "models": runs[0]["models"],
-        "requests": len(latencies),
-        "tokens": tokens,
-        "wall_s": wall,
-        "tokens_per_s": tokens / wall,
-        "p50_s": statistics.median(latencies),
-        "p99_s": latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))],
-        "swaps": sum(run["swaps"] for run in runs),
-        "rounds": [{k: v for k, v in run.items() if k != "latencies"} for run in runs],
-    }
-
-
-def _swaps(client: httpx.Client) -> float:
+def _metric(client: httpx.Client, name: str) -> float:
     for line in client.get("/metrics").text.splitlines():
-        if line.startswith("deltaserve_swaps_total "):
+        if line.startswith(name + " "):
             return float(line.split()[1])
     return 0.0
 
 
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    results = [r for run in runs for r in run["results"]]
+    ttft = sorted(r[0] for r in results)
+    latency = sorted(r[1] for r in results)
+    tokens = sum(r[2] for r in results)
+    wall = sum(run["wall_s"] for run in runs)
+
+    def p99(xs: list[float]) -> float:
+        return xs[min(len(xs) - 1, round(0.99 * (len(xs) - 1)))]
+
+    return {
+        "requests": len(results), "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+        "ttft_p50_s": statistics.median(ttft), "ttft_p99_s": p99(ttft),
+        "latency_p50_s": statistics.median(latency), "latency_p99_s": p99(latency),
+        "swaps_per_request": sum(run["swaps"] for run in runs) / len(results),
+        "cache_bytes": max(run["cache_bytes"] for run in runs),
+    }  # fmt: skip
+
+
+def peak_rss_bytes() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny model, few requests (under a minute)")
+    parser.add_argument("--quick", action="store_true", help="tiny model, the two target scenarios")
     parser.add_argument("--model", choices=["tiny", "small", "smollm2"], default=None)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
-    parser.add_argument("--requests", type=int, default=None)
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--modes", default=None, help="comma-separated subset of " + ",".join(MODES))
+    parser.add_argument(
+        "--scenarios", default=None, help="e.g. 16:uniform:32,64:zipf:32 (deltas:mix:concurrency)"
+    )
+    parser.add_argument("--requests", type=int, default=None, help="per configuration (all rounds)")
     parser.add_argument("--max-tokens", type=int, default=None)
-    parser.add_argument("--max-batch-size", type=int, default=16)
-    parser.add_argument("--drop-rate", type=float, default=0.9)
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per scenario")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve")
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--drop-rate", type=float, default=0.99)
+    parser.add_argument(
+        "--distinct", type=int, default=8, help="distinct compressed fine-tunes behind the names"
+    )
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per configuration")
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    kind = args.model or ("tiny" if args.quick else "small")
-    requests = args.requests or (32 if args.quick else 192)
-    max_tokens = args.max_tokens or (16 if args.quick else 32)
-    args.rounds = args.rounds or (2 if args.quick else 4)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    kind = args.model or "tiny"
+    modes = (
+        args.modes.split(",")
+        if args.modes
+        else (["base", "naive", "merged", "auto"] if args.quick else list(MODES))
+    )
+    if args.scenarios:
+        scenarios = [
+            Scenario(int(n), mix, int(c)) for n, mix, c in (x.split(":") for x in args.scenarios.split(","))
+        ]
+    elif args.quick:
+        scenarios = [Scenario(16, "uniform", 32), Scenario(64, "zipf", 32)]
+    else:
+        scenarios = [Scenario(n, mix, c) for n in (1, 4, 16, 64) for mix in ("uniform", "zipf") for c in (1, 8, 32)
+                     if not (n == 1 and mix == "zipf")]  # fmt: skip
+    requests = args.requests or (96 if args.quick else 128)
+    max_tokens = args.max_tokens or (8 if args.quick else 32)
+    rounds = args.rounds or 3
+    n_max = max(s.deltas for s in scenarios)
 
     with tempfile.TemporaryDirectory(prefix="deltaserve-bench-") as tmp:
         root = Path(tmp)
         base = base_model(kind, root)
-        store = build_store(base, root, 16, args.drop_rate)
-        settings = ServerSettings(
-            base=base, store=store, device=args.device, dtype=args.dtype, model_id=BASE_ID,
-            max_batch_size=args.max_batch_size, max_queue=4096, log_level="warning",
-        )  # fmt: skip
-        url, server, thread = start(settings)
+        store = build_store(base, root, n_max, args.distinct, args.drop_rate)
+        servers = {}
+        for mode in modes:
+            settings = ServerSettings(
+                base=base, store=store, device=args.device, dtype=args.dtype, model_id=BASE_ID,
+                max_batch_size=args.max_batch_size, max_queue=4096, log_level="warning", max_wait_ms=50,
+                cache_bytes=8 << 30, **MODES[mode],
+            )  # fmt: skip
+            servers[mode] = start(settings)
+        raw: dict[tuple[str, Scenario], list[dict[str, Any]]] = {(m, s): [] for m in modes for s in scenarios}
         try:
-            run_scenario(url, [BASE_ID], min(requests, 16), args.concurrency, max_tokens, seed=0)  # warm-up
-            scenarios = {"base only": [BASE_ID]}
-            scenarios.update({f"{n} deltas": [f"d{i}" for i in range(n)] for n in (1, 4, 16)})
-            # Interleaved rounds, so drift in machine load hits every scenario alike.
-            rounds: dict[str, list[dict[str, Any]]] = {label: [] for label in scenarios}
-            for r in range(args.rounds):
-                for label, models in scenarios.items():
-                    rounds[label].append(
-                        run_scenario(
-                            url, models, requests // args.rounds, args.concurrency, max_tokens, seed=r
+            for mode, (url, _, _) in servers.items():  # warm-up: load and cache every delta once
+                run(
+                    url, Scenario(n_max, "uniform", 8).models(mode, min(n_max, 64), random.Random(0)), 8, 2, 0
+                )
+            for r in range(rounds):  # interleaved: machine load drifts over every mode alike
+                for scenario in scenarios:
+                    for mode, (url, _, _) in servers.items():
+                        models = scenario.models(
+                            mode, requests // rounds, random.Random(1000 * r + scenario.deltas)
                         )
-                    )
-            results = {label: merge(runs) for label, runs in rounds.items()}
+                        raw[(mode, scenario)].append(
+                            run(url, models, scenario.concurrency, max_tokens, seed=r)
+                        )
         finally:
-            server.should_exit = True
-            thread.join(60)
+            for _, server, thread in servers.values():
+                server.should_exit = True
+                thread.join(60)
 
+    rows = []
+    for scenario in scenarios:
+        base_tps = summarize(raw[("base", scenario)])["tokens_per_s"] if "base" in modes else float("nan")
+        for mode in modes:
+            s = {"mode": mode, "deltas": 0 if mode == "base" else scenario.deltas, "mix": scenario.mix,
+                 "concurrency": scenario.concurrency, **summarize(raw[(mode, scenario)])}  # fmt: skip
+            s["ratio_to_base"] = s["tokens_per_s"] / base_tps
+            rows.append(s)
+            print(f"mode={mode} deltas={scenario.deltas} mix={scenario.mix} concurrency={scenario.concurrency} "
+                  f"tokens_per_s={s['tokens_per_s']:.1f} ratio_to_base={s['ratio_to_base']:.2f}", flush=True)  # fmt: skip
     meta = {
-        "model": kind, "rounds": args.rounds, "device": args.device, "dtype": args.dtype, "requests": requests, "max_tokens": max_tokens,
-        "concurrency": args.concurrency, "max_batch_size": args.max_batch_size, "drop_rate": args.drop_rate,
-        "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+        "model": kind, "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
+        "requests_per_config": requests, "rounds": rounds, "max_tokens": max_tokens,
+        "max_batch_size": args.max_batch_size, "drop_rate": args.drop_rate, "distinct_finetunes": args.distinct,
+        "peak_rss_bytes": peak_rss_bytes(), "torch": torch.__version__, "python": platform.python_version(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
-    base_tps = results["base only"]["tokens_per_s"]
-    lines = [
-        f"# deltaserve serving benchmark ({kind} model, {meta['cuda'] or 'cpu'})",
-        "",
-        f"{requests} requests per scenario in {args.rounds} interleaved rounds, {args.concurrency} concurrent "
-        f"clients, {max_tokens} tokens each (greedy, ignore_eos), max batch {args.max_batch_size}, DARE deltas at drop rate {args.drop_rate}; models drawn "
-        "uniformly at random per request.",
-        "",
-        "| scenario | tokens/s | vs base | p50 latency (s) | p99 latency (s) | swaps |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for label, r in results.items():
-        lines.append(
-            f"| {label} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base_tps:.2f}x | {r['p50_s']:.3f} | "
-            f"{r['p99_s']:.3f} | {int(r['swaps'])} |"
-        )
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    out = args.out or ROOT / "bench" / "results" / ("serve-quick" if args.quick else "serve")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
+    out.with_suffix(".md").write_text(render(meta, rows))
+    print(render(meta, rows))
     return 0
+
+
+def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    lines = [
+        f"# deltaserve serving benchmark ({meta['model']} model, {meta['cuda'] or 'cpu'}, {meta['threads']} threads)",
+        "",
+        f"{meta['requests_per_config']} streamed requests per configuration in {meta['rounds']} interleaved rounds, "
+        f"{meta['max_tokens']} tokens each (greedy, ignore_eos), max batch {meta['max_batch_size']}; DARE deltas at "
+        f"drop rate {meta['drop_rate']} ({meta['distinct_finetunes']} distinct fine-tunes behind the names). "
+        "`ratio` = tokens/s over the base-only server at the same concurrency. Peak RSS of the whole run "
+        f"(all servers in one process): {meta['peak_rss_bytes'] / 2**20:.0f} MiB.",
+        "",
+        "| mode | deltas | mix | conc. | tokens/s | ratio | TTFT p50 / p99 (s) | latency p50 / p99 (s) | swaps/req | cache MiB |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]  # fmt: skip
+    for r in rows:
+        lines.append(
+            f"| {r['mode']} | {r['deltas']} | {r['mix']} | {r['concurrency']} | {r['tokens_per_s']:.1f} | "
+            f"{r['ratio_to_base']:.2f} | {r['ttft_p50_s']:.3f} / {r['ttft_p99_s']:.3f} | "
+            f"{r['latency_p50_s']:.3f} / {r['latency_p99_s']:.3f} | {r['swaps_per_request']:.2f} | "
+            f"{r['cache_bytes'] / 2**20:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

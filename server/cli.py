@@ -21,6 +21,7 @@ _OPTIONAL = (  # flag, settings field, type, help
     ("--max-queue", "max_queue", int, "queued requests before 429 (default 256)"),
     ("--max-wait-ms", "max_wait_ms", float, "longest a model waits behind another (default 200)"),
     ("--cache-bytes", "cache_bytes", int, "memory budget for prepared deltas (default 2 GiB)"),
+    ("--batch-mode", "batch_mode", str, "auto|merged|mixed: one delta per batch or many (default auto)"),
     ("--max-upload-bytes", "max_upload_bytes", int, "largest accepted delta upload (default 8 GiB)"),
     ("--log-level", "log_level", str, "critical|error|warning|info|debug (default info)"),
 )

@@ -30,6 +30,9 @@ class ServerMetrics:
             "deltaserve_queue_depth", "requests waiting, per model", ["model"], registry=r
         )
         self.batches = Counter("deltaserve_batches", "batches run", ["model"], registry=r)
+        self.mixed_batches = Counter(
+            "deltaserve_mixed_batches", "batches that served several models at once (side terms)", registry=r
+        )
         self.swaps = Counter("deltaserve_swaps", "weight swaps (a delta applied or restored)", registry=r)
         self.swap_seconds = Histogram(
             "deltaserve_swap_seconds", "time to patch or restore the resident weights", buckets=_SWAP_BUCKETS,

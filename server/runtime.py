@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
 
 from deltas_store import DeltaStore, ModelDir, base_fingerprint, embedded_base_dir
 from server.engine.generator import Engine
+from server.engine.mixed.batch import MixedBatch
+from server.engine.mixed.modules import find_param_uses
 from server.engine.model import load_model
 from server.metrics import ServerMetrics
 from server.routing.admin import DeltaAdmin
 from server.routing.cache import DeltaCache
 from server.routing.loading import DeltaLoader
 from server.routing.patching import SwapManager
+from server.routing.policy import BatchPolicy
 from server.routing.registry import Registry
 from server.routing.scheduler import Scheduler
 from server.settings import ServerSettings
@@ -62,8 +66,18 @@ def build_runtime(settings: ServerSettings, metrics: ServerMetrics) -> Runtime:
     store = DeltaStore(settings.store)
     registry = Registry(base_id, store)
     cache = DeltaCache(settings.cache_bytes)
-    swaps = SwapManager(weights, metrics)
-    loader = DeltaLoader(registry, cache, weights, fingerprint)
+    flat = loaded.flat
+    full_base = None  # the naive baseline keeps the pristine base on the host to copy back
+    if settings.swap_mode == "full" and flat is not None:
+        full_base = flat.buffer.detach().to("cpu", copy=True)
+        full_base = full_base.pin_memory() if flat.buffer.is_cuda else full_base
+    swaps = SwapManager(weights, metrics, flat, full_base=full_base)
+    uses = find_param_uses(loaded.model) if settings.batch_mode != "merged" else None
+    loader = DeltaLoader(
+        registry, cache, weights, fingerprint, flat=flat, base_values=swaps.base_values, uses=uses,
+        full_base=full_base,
+    )  # fmt: skip
+    mixer = functools.partial(MixedBatch, loaded.model, uses) if uses is not None else None
     scheduler = Scheduler(
         engine,
         swaps,
@@ -73,6 +87,8 @@ def build_runtime(settings: ServerSettings, metrics: ServerMetrics) -> Runtime:
         max_queue=settings.max_queue,
         max_wait_s=settings.max_wait_ms / 1000.0,
         retry_after_s=settings.retry_after_s,
+        policy=BatchPolicy(settings.batch_mode, max_density=settings.mixed_max_density),
+        mixer=mixer,
     )
     admin = DeltaAdmin(store, registry, cache, loader, swaps, scheduler)
     scheduler.start()

@@ -46,6 +46,16 @@ class ServerSettings(BaseSettings):
     max_queue: int = Field(default=256, ge=1, description="queued requests (all models) before 429")
     max_wait_ms: float = Field(default=200.0, ge=0, description="longest a model waits behind another")
     cache_bytes: int = Field(default=2 << 30, ge=0, description="LRU budget for prepared deltas")
+    batch_mode: Literal["auto", "merged", "mixed"] = Field(
+        default="auto", description="merged: one model per batch; mixed: deltas as side terms; auto: per step"
+    )
+    mixed_max_density: float = Field(
+        default=0.05, ge=0, le=1, description="auto: deltas denser than this are never mixed"
+    )
+    swap_mode: Literal["delta", "full"] = Field(
+        default="delta",
+        description="full = the naive baseline: copy a whole fine-tuned weight set per switch",
+    )
     default_max_tokens: int = Field(default=256, ge=1)
     max_stop_sequences: int = Field(default=4, ge=0)
     retry_after_s: int = Field(default=1, ge=0, description="Retry-After sent with 429/503")

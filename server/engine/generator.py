@@ -6,7 +6,7 @@ import inspect
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from transformers import DynamicCache
@@ -16,6 +16,19 @@ from server.engine.request import Finished, FinishReason, GenerationRequest
 from server.engine.sampling import choose_tokens, make_generator
 from server.engine.text import TextStream
 from server.errors import ContextLengthError, InvalidRequestError
+
+
+class RowHooks(Protocol):
+    """Per-row state outside the engine that must follow the batch's rows (a mixed batch's delta per row)."""
+
+    def begin(self, requests: Sequence[GenerationRequest], device: torch.device) -> None:
+        """Called once with the rows in batch order, before the first forward."""
+
+    def select(self, keep: torch.Tensor) -> None:
+        """Rows `keep` (K,) of the current batch stay, in that order (the others finished)."""
+
+    def end(self) -> None:
+        """The batch is over (also after an error)."""
 
 
 @dataclass
@@ -108,10 +121,11 @@ class Engine:
     # --- generation ---
 
     @torch.inference_mode()
-    def generate(self, requests: Sequence[GenerationRequest]) -> int:
+    def generate(self, requests: Sequence[GenerationRequest], hooks: RowHooks | None = None) -> int:
         """Run `requests` to completion with the resident weights; returns the number of tokens generated.
 
         Results go to each request's sink. If the model fails, every unfinished request gets the error.
+        `hooks` follow the rows (a mixed batch adds each row's delta on the side).
         """
         rows = [
             _Row(r, TextStream(self.decode, r.params.stop), None if r.params.greedy else self._generator(r))
@@ -119,7 +133,13 @@ class Engine:
             if not r.cancelled
         ]
         try:
-            return self._run(rows)
+            if hooks is None:
+                return self._run(rows, None)
+            try:
+                hooks.begin([row.request for row in rows], self.device)
+                return self._run(rows, hooks)
+            finally:
+                hooks.end()  # also after a failed begin: hooks undo whatever they installed
         except Exception as exc:
             for row in rows:
                 if not row.done:
@@ -130,7 +150,7 @@ class Engine:
     def _generator(self, request: GenerationRequest) -> torch.Generator:
         return make_generator(request.params.seed, self.device)
 
-    def _run(self, rows: list[_Row]) -> int:
+    def _run(self, rows: list[_Row], hooks: RowHooks | None) -> int:
         if not rows:
             return 0
         prompts = [r.request.prompt_ids for r in rows]
@@ -161,6 +181,8 @@ class Engine:
                 rows = [rows[i] for i in keep]
                 tokens, mask, positions = tokens[index], mask[index], positions[index]
                 cache.batch_select_indices(index)
+                if hooks is not None:
+                    hooks.select(index)
             mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)  # (B, T+1)
             positions = positions[:, -1:] + 1  # (B, 1)
             logits = self._forward(tokens[:, None], mask, positions, cache)

@@ -11,6 +11,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from server.engine.packing import FlatWeights, pack_parameters_
 from server.settings import Device, DType
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -24,6 +25,7 @@ class LoadedModel:
     tokenizer: Any  # a transformers tokenizer (fast or slow); typed loosely across versions
     device: torch.device
     dtype: torch.dtype
+    flat: FlatWeights | None = None  # every parameter viewed from one buffer (None: mixed dtypes)
 
 
 def resolve_device(device: Device) -> torch.device:
@@ -43,14 +45,15 @@ def resolve_dtype(dtype: DType, base: Path) -> torch.dtype:
 
 
 def load_model(base: Path, device: Device, dtype: DType) -> LoadedModel:
-    """Load the base once; parameters are frozen (no autograd) and patched in place by the swap manager."""
+    """Load the base once; parameters are frozen (no autograd), packed into one buffer, and patched in place."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, base)
     # transformers 5 renamed `torch_dtype` to `dtype`.
     dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     model = AutoModelForCausalLM.from_pretrained(base, **{dtype_kw: torch_dtype})
+    flat = pack_parameters_(model, torch_device)  # one buffer: a swap is one gather + one scatter
     torch.nn.Module.to(model, torch_device)  # in place; PreTrainedModel.to's typing is narrower
     torch.nn.Module.eval(model)
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(base)
-    return LoadedModel(model, tokenizer, torch_device, torch_dtype)
+    return LoadedModel(model, tokenizer, torch_device, torch_dtype, flat)

@@ -6,13 +6,14 @@ import asyncio
 import logging
 from pathlib import Path
 
-from deltas_store import DeltaStore, StoredDelta, manifest_summary, read_delta, validate_name
+from deltas_store import DeltaStore, PreparedDelta, StoredDelta, manifest_summary, read_delta, validate_name
 from server.errors import NameConflictError
 from server.routing.cache import DeltaCache
 from server.routing.loading import DeltaLoader
 from server.routing.patching import SwapManager
 from server.routing.registry import Registry
 from server.routing.scheduler import Scheduler
+from server.routing.served import ServedDelta
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +52,18 @@ class DeltaAdmin:
             raise NameConflictError(f"{name!r} is the base model's id; choose another name", param="name")
         delta = read_delta(staged)  # integrity: checksums, keys, shapes, index bounds
         prepared = self.loader.prepare(delta)  # right base, every name and shape fits
-        # The trial apply + restore runs on the worker between batches, never under a running batch.
-        self.scheduler.call(lambda: self.swaps.trial(prepared)).result()
+        # The trial apply + restore and the layout (it reads the base) run on the worker between batches.
+        served = self.scheduler.call(lambda: self._trial(prepared)).result()
         summary = manifest_summary(delta.manifest, staged.stat().st_size)
         stored = self.store.put(name, staged, summary=summary, move=True)
         self.cache.evict(name)  # an older version is stale now
-        self.cache.put((name, stored.version), prepared)
+        self.cache.put((name, stored.version), served)
         log.info("stored delta %s v%d (%d bytes)", name, stored.version, stored.size)
         return stored
+
+    def _trial(self, prepared: PreparedDelta) -> ServedDelta:
+        self.swaps.trial(prepared)
+        return self.loader.serve(prepared)
 
     async def remove(self, name: str, drain_timeout_s: float) -> list[StoredDelta]:
         """Refuse new requests for `name`, let queued and running ones finish, then delete every version."""

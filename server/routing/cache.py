@@ -1,4 +1,4 @@
-"""An LRU of prepared deltas under a byte budget (on the base's device), keyed by (name, version)."""
+"""An LRU of loaded deltas under a byte budget (on the base's device), keyed by (name, version)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import threading
 from collections import OrderedDict
 
 from deltas_store import PreparedDelta
+from server.routing.served import ServedDelta
 
 CacheKey = tuple[str, int]  # (delta name, store version)
+Entry = ServedDelta | PreparedDelta  # what the server serves from; a bare PreparedDelta is kept as well
 
 
 class DeltaCache:
@@ -24,17 +26,17 @@ class DeltaCache:
 
     def __init__(self, budget_bytes: int) -> None:
         self.budget_bytes = budget_bytes
-        self._entries: OrderedDict[CacheKey, PreparedDelta] = OrderedDict()
+        self._entries: OrderedDict[CacheKey, Entry] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: CacheKey) -> PreparedDelta | None:
+    def get(self, key: CacheKey) -> Entry | None:
         with self._lock:
             prepared = self._entries.get(key)
             if prepared is not None:
                 self._entries.move_to_end(key)
             return prepared
 
-    def put(self, key: CacheKey, prepared: PreparedDelta) -> bool:
+    def put(self, key: CacheKey, prepared: Entry) -> bool:
         """Cache `prepared`; returns False when it alone is over the budget (then nothing is evicted)."""
         with self._lock:
             if prepared.nbytes > self.budget_bytes:
@@ -67,5 +69,11 @@ class DeltaCache:
         with self._lock:
             for (cached, _), prepared in self._entries.items():
                 if cached == name:
-                    return str(prepared.ops[0].values.device) if prepared.ops else "cpu"
+                    return _device(prepared)
         return None
+
+
+def _device(entry: Entry) -> str:
+    if isinstance(entry, ServedDelta):
+        return str(entry.device)
+    return str(entry.ops[0].values.device) if entry.ops else "cpu"

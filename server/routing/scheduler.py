@@ -1,4 +1,4 @@
-"""A queue per model, batches of one model at a time, and one worker thread that owns the weights."""
+"""A queue per model, merged batches of one model or mixed batches of many, and one worker thread."""
 
 from __future__ import annotations
 
@@ -6,29 +6,35 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from typing import TypeVar
 
 from deltas_store import DeltaStoreError
-from server.engine.generator import Engine
+from server.engine.generator import Engine, RowHooks
+from server.engine.mixed.layout import MixedDelta
 from server.engine.request import Finished, GenerationRequest
 from server.errors import NotReadyError, QueueFullError, ServerError
 from server.metrics import ServerMetrics
 from server.routing.loading import DeltaLoader
 from server.routing.patching import SwapManager
+from server.routing.policy import BatchPolicy
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _Control = tuple[Callable[[], object], "Future[object]"]
+MixerFactory = Callable[[Mapping[str, MixedDelta | None]], RowHooks]  # request.model -> layout (None: base)
+_LOAD_ERRORS = (DeltaStoreError, ServerError, OSError, RuntimeError)
 
 
 class Scheduler:
-    """Serves queued requests in batches of one model, so a swap is paid per batch, not per request.
+    """Serves queued requests in batches, so a swap is paid per batch, not per request.
 
-    Which model next: the one patched in now while it has work and nobody has waited longer than
-    `max_wait_s` (no swap needed); otherwise the model whose oldest request has waited longest.
-    Control calls (an upload's test-apply, a delete's restore) run on the worker between batches.
+    Merged batches hold one model: the one patched in now while it has work and nobody has waited longer
+    than `max_wait_s` (no swap needed), otherwise the model whose oldest request has waited longest. Mixed
+    batches (when `policy` says so) hold the oldest requests of every mixable model and run on the pure
+    base with each row's delta added on the side. Control calls (an upload's test-apply, a delete's
+    restore) run on the worker between batches.
 
     Example:
         >>> scheduler.start()  # doctest: +SKIP
@@ -46,6 +52,8 @@ class Scheduler:
         max_queue: int,
         max_wait_s: float,
         retry_after_s: int,
+        policy: BatchPolicy | None = None,
+        mixer: MixerFactory | None = None,
     ) -> None:
         self.engine = engine
         self.swaps = swaps
@@ -55,13 +63,16 @@ class Scheduler:
         self.max_queue = max_queue
         self.max_wait_s = max_wait_s
         self.retry_after_s = retry_after_s
+        self.policy = policy if mixer is not None and policy is not None else BatchPolicy("merged")
+        self.mixer = mixer
         self._cond = threading.Condition()
         self._queues: dict[str, deque[GenerationRequest]] = {}
         self._control: deque[_Control] = deque()
         self._queued = 0
         self._current: str | None = None  # the model whose weights are patched in (None: not yet chosen)
         self._running: list[GenerationRequest] = []
-        self._running_model: str | None = None
+        self._running_models: set[str] = set()
+        self._unmixable: set[str] = set()  # models last seen without a (worthwhile) mixed layout
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="deltaserve-worker", daemon=True)
 
@@ -99,7 +110,7 @@ class Scheduler:
         """Block until no request for `model` is queued or running; False on timeout."""
         with self._cond:
             return self._cond.wait_for(
-                lambda: not self._queues.get(model) and self._running_model != model, timeout
+                lambda: not self._queues.get(model) and model not in self._running_models, timeout
             )
 
     @property
@@ -137,20 +148,33 @@ class Scheduler:
                     control: _Control | None = self._control.popleft()
                 elif self._queued:
                     control = None
-                    model = self._pick()
-                    batch = self._take(model)
-                    self._running, self._running_model = batch, model
+                    mixed, model, batch = self._plan()
+                    self._running, self._running_models = batch, {r.model for r in batch}
                 else:
                     return  # stopping, and everything is drained
             if control is not None:
                 _run_control(*control)
                 continue
             try:
-                self._run_batch(model, batch)
+                if mixed:
+                    self._run_mixed(batch)
+                else:
+                    self._run_batch(model, batch)
             finally:
                 with self._cond:
-                    self._running, self._running_model = [], None
+                    self._running, self._running_models = [], set()
                     self._cond.notify_all()
+
+    def _plan(self) -> tuple[bool, str, list[GenerationRequest]]:
+        """(mixed?, the merged batch's model, the batch); called with the lock held."""
+        picked = self._pick()
+        queued = {m: len(q) for m, q in self._queues.items() if q and m not in self._unmixable}
+        oldest = min(q[0].enqueued_at for q in self._queues.values() if q)
+        overdue = time.monotonic() - oldest >= self.max_wait_s
+        model = self.policy.merged_model(picked, queued, self.max_batch_size, overdue)
+        if model is None:
+            return True, picked, self._take_oldest(list(queued))
+        return False, model, self._take(model)
 
     def _pick(self) -> str:
         heads = {model: q[0].enqueued_at for model, q in self._queues.items() if q}
@@ -158,6 +182,36 @@ class Scheduler:
         if self._current in heads and time.monotonic() - heads[oldest] < self.max_wait_s:
             return self._current
         return oldest
+
+    def _take_oldest(self, models: list[str]) -> list[GenerationRequest]:
+        """Up to max_batch_size requests of `models`, oldest first (no model waits behind a busy one)."""
+        batch: list[GenerationRequest] = []
+        queues = [self._queues[m] for m in models]
+        while len(batch) < self.max_batch_size:
+            heads = [q for q in queues if q]
+            if not heads:
+                break
+            request = min(heads, key=lambda q: q[0].enqueued_at).popleft()
+            self._queued -= 1
+            if request.cancelled:
+                request.sink.on_finish(Finished("", "cancelled", len(request.prompt_ids), 0))
+            else:
+                batch.append(request)
+        for model in models:
+            self.metrics.queue_depth.labels(model).set(len(self._queues[model]))
+            if not self._queues[model]:
+                del self._queues[model]
+        return batch
+
+    def _requeue(self, requests: list[GenerationRequest]) -> None:
+        """Put requests back at the front of their queues (a mixed batch could not take them)."""
+        with self._cond:
+            for request in reversed(requests):
+                self._queues.setdefault(request.model, deque()).appendleft(request)
+                self._queued += 1
+            self._running = [r for r in self._running if r not in requests]
+            self._running_models = {r.model for r in self._running}
+            self._cond.notify_all()
 
     def _take(self, model: str) -> list[GenerationRequest]:
         queue = self._queues[model]
@@ -178,19 +232,65 @@ class Scheduler:
         if not batch:
             return
         try:
-            key, prepared = self.loader.load(model)
-            self.swaps.activate(key, prepared)
-        except (DeltaStoreError, ServerError, OSError, RuntimeError) as exc:
+            key, served = self.loader.load(model)
+            self.swaps.activate(key, served)
+        except _LOAD_ERRORS as exc:
             log.warning("cannot serve %s: %s", model, exc)
             for request in batch:
                 request.sink.on_error(exc)
             return
+        if served is not None and served.mixed is not None and self.policy.mixable(served.mixed):
+            self._unmixable.discard(model)  # a new version may mix where the old one could not
         self._current = model
         self.metrics.batches.labels(model).inc()
         try:
             tokens = self.engine.generate(batch)
         except Exception:  # the engine already sent the error to every unfinished request
             log.exception("batch of %d requests for %s failed", len(batch), model)
+            return
+        self.metrics.generated_tokens.inc(tokens)
+
+    def _run_mixed(self, batch: list[GenerationRequest]) -> None:
+        """One forward pass for every row on the pure base, each row's delta added on the side."""
+        if not batch or self.mixer is None:
+            return
+        layouts: dict[str, MixedDelta | None] = {}
+        later: list[GenerationRequest] = []
+        for model in dict.fromkeys(r.model for r in batch):
+            rows = [r for r in batch if r.model == model]
+            try:
+                _, served = self.loader.load(model)
+            except _LOAD_ERRORS as exc:
+                log.warning("cannot serve %s: %s", model, exc)
+                for request in rows:
+                    request.sink.on_error(exc)
+                continue
+            if served is None:
+                layouts[model] = None  # the base: no side term
+            elif served.mixed is not None and self.policy.mixable(served.mixed):
+                layouts[model] = served.mixed
+            else:
+                self._unmixable.add(model)  # served merged from now on
+                later.extend(rows)
+        if later:
+            self._requeue(later)
+        run = [r for r in batch if r.model in layouts]
+        if not run:
+            return
+        try:
+            self.swaps.deactivate()  # mixed batches run on the pure base weights
+        except _LOAD_ERRORS as exc:
+            for request in run:
+                request.sink.on_error(exc)
+            return
+        self._current = None
+        for model in layouts:
+            self.metrics.batches.labels(model).inc()
+        self.metrics.mixed_batches.inc()
+        try:
+            tokens = self.engine.generate(run, hooks=self.mixer(layouts))
+        except Exception:  # the engine already sent the error to every unfinished request
+            log.exception("mixed batch of %d requests over %d models failed", len(run), len(layouts))
             return
         self.metrics.generated_tokens.inc(tokens)
 

@@ -1,0 +1,173 @@
+"""One mixed batch: each row's delta applied on the side of the base forward; no resident weight is written."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from server.engine.mixed.kernels import (
+    StackedRows,
+    block_diagonal,
+    embedding_side_,
+    grouped_side,
+    plan_chunks,
+    stack_rows,
+)
+from server.engine.mixed.layout import MixedDelta
+from server.engine.mixed.modules import ParamUses
+from server.engine.request import GenerationRequest
+
+_Hook = Callable[[nn.Module, tuple[Any, ...], torch.Tensor], None]
+
+
+class MixedBatch:
+    """Serves rows of different deltas (and of the base) in one forward over the resident *base* weights.
+
+    Per Linear: ``y = base(x) + x·ΔW_{d(row)}ᵀ``, one grouped sparse matmul for the whole batch (a hook).
+    Per embedding: each token's ΔE row added (exact). Per RMSNorm-like module (``weight * g(x)``): for the
+    batch's duration the module reads a (B, 1, H) stack of per-row patched weights instead of its own
+    parameter, so each row gets exactly its merged output. The engine calls `begin`, `select`, `end`.
+
+    Example:
+        >>> batch = MixedBatch(model, uses, {"math": mixed_math, "base": None})  # doctest: +SKIP
+        >>> engine.generate(requests, hooks=batch)  # doctest: +SKIP
+    """
+
+    def __init__(self, model: nn.Module, uses: ParamUses, deltas: Mapping[str, MixedDelta | None]) -> None:
+        self.model = model
+        self.uses = uses
+        self.deltas = deltas  # request.model -> its layout (None: the base model)
+        self._handles: list[RemovableHandle] = []
+        self._slots: list[MixedDelta] = []  # the distinct served deltas of this batch
+        self._width = 1
+        self._chunks: tuple[int, ...] = ()
+        self._matrices: dict[str, torch.Tensor | None] = {}  # Linear weight -> block-diagonal ΔW, lazily
+        self._stacks: dict[str, StackedRows | None] = {}  # embedding weight -> stacked ΔE rows, lazily
+        self._norms: dict[str, tuple[torch.Tensor, list[nn.Module], nn.Parameter]] = {}  # (D+1, H) table
+        self._row_delta = torch.empty(0, dtype=torch.long)  # (B,) slot of each row, -1 = base
+        self._row_slot: list[int] = []  # (B,) column slot of each row, -1 = base
+        self._slot_row = torch.empty(0, dtype=torch.long)  # (K*width,) the row feeding each column slot
+        self._active = torch.empty(0, dtype=torch.long)  # (A,) rows with a delta
+        self._chunk = torch.empty(0, dtype=torch.long)  # (A,) their chunk
+        self._column = torch.empty(0, dtype=torch.long)  # (A,) their column inside it
+        self._device = torch.device("cpu")
+
+    # --- the engine's row hooks ---
+
+    def begin(self, requests: Sequence[GenerationRequest], device: torch.device) -> None:
+        """Lay out the rows (in batch order), install the hooks and the stacked norm weights."""
+        slot_of: dict[str, int] = {}  # one slot per served model (two names may share one file)
+        row_delta: list[int] = []
+        for request in requests:
+            delta = self.deltas.get(request.model)
+            if delta is None:
+                row_delta.append(-1)
+                continue
+            if request.model not in slot_of:
+                slot_of[request.model] = len(self._slots)
+                self._slots.append(delta)
+            row_delta.append(slot_of[request.model])
+        chunking = plan_chunks(row_delta, [d.linear_nnz for d in self._slots])
+        self._width, self._chunks, self._row_slot = chunking.width, chunking.chunks, list(chunking.row_slot)
+        self._device = device
+        self._row_delta = torch.tensor(row_delta, dtype=torch.long, device=device)
+        self._install()
+        self._refresh()
+
+    def select(self, keep: torch.Tensor) -> None:
+        """Rows `keep` (K,) stay in the batch; finished rows leave their column slots as padding."""
+        self._row_delta = self._row_delta[keep]
+        self._row_slot = [self._row_slot[i] for i in keep.tolist()]
+        self._refresh()
+
+    def end(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for _, modules, parameter in self._norms.values():
+            for module in modules:
+                module._parameters["weight"] = parameter
+        self._norms.clear()
+        self._matrices.clear()
+        self._stacks.clear()
+
+    # --- per-row state ---
+
+    def _refresh(self) -> None:
+        slots = len(self._chunks) * self._width
+        slot_row = [0] * slots  # padding slots read row 0: their products are never used
+        active: list[int] = []
+        for row, slot in enumerate(self._row_slot):
+            if slot >= 0:
+                slot_row[slot] = row
+                active.append(row)
+        device = self._device
+        self._slot_row = torch.tensor(slot_row, dtype=torch.long, device=device)
+        self._active = torch.tensor(active, dtype=torch.long, device=device)
+        where = [self._row_slot[row] for row in active]
+        self._chunk = torch.tensor([s // self._width for s in where], dtype=torch.long, device=device)
+        self._column = torch.tensor([s % self._width for s in where], dtype=torch.long, device=device)
+        for table, modules, _ in self._norms.values():
+            rows = table.index_select(0, self._row_delta + 1).unsqueeze(1)  # (B, 1, H) per-row weights
+            for module in modules:
+                module._parameters["weight"] = rows  # type: ignore[assignment]
+
+    def _install(self) -> None:
+        touched = {name for delta in self._slots for name in (*delta.matrices, *delta.norms)}
+        for name in touched:
+            for linear in self.uses.linears.get(name, ()):
+                self._handles.append(linear.register_forward_hook(self._linear_hook(name)))
+            for embedding in self.uses.embeddings.get(name, ()):
+                self._handles.append(embedding.register_forward_hook(self._embedding_hook(name)))
+            norms = list(self.uses.norms.get(name, ()))
+            if norms:
+                parameter = norms[0].get_parameter("weight")
+                self._norms[name] = (self._norm_table(name, parameter.detach()), norms, parameter)
+
+    def _norm_table(self, name: str, base: torch.Tensor) -> torch.Tensor:
+        """(D+1, H): the base weight (resident and unpatched now), then each slot's patched weight."""
+        table = base.unsqueeze(0).repeat(len(self._slots) + 1, 1)
+        for slot, delta in enumerate(self._slots):
+            if name not in delta.norms:
+                continue
+            index, values = delta.norms[name]
+            if index is None:
+                table[slot + 1] = values
+            else:
+                table[slot + 1, index] = base[index] + values  # deltas_store's arithmetic
+        return table
+
+    # --- hooks ---
+
+    def _linear_hook(self, name: str) -> _Hook:
+        def hook(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
+            if name not in self._matrices:
+                blocks = [self._slots[s].matrices.get(name) for s in self._chunks]
+                shape = self.uses.shapes[name]
+                self._matrices[name] = block_diagonal(blocks, (shape[0], shape[1]))
+            matrix = self._matrices[name]
+            if matrix is None or self._active.numel() == 0:
+                return
+            x = args[0]
+            x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, in)
+            side = grouped_side(matrix, x3, self._width, self._slot_row, self._chunk, self._column)
+            out.view(out.shape[0], -1, out.shape[-1]).index_add_(0, self._active, side.to(out.dtype))
+
+        return hook
+
+    def _embedding_hook(self, name: str) -> _Hook:
+        def hook(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
+            if name not in self._stacks:
+                blocks = [delta.matrices.get(name) for delta in self._slots]
+                shape = self.uses.shapes[name]
+                self._stacks[name] = stack_rows(blocks, (shape[0], shape[1]))
+            stacked = self._stacks[name]
+            ids = args[0]
+            if stacked is not None:
+                embedding_side_(out, ids.reshape(ids.shape[0], -1), stacked, self._row_delta)
+
+        return hook

@@ -1,0 +1,153 @@
+"""Mixed-batch building blocks on small random tensors: chunk plans, grouped sparse matmul, exact gathers, policy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from deltas_store import PreparedDelta
+from deltas_store.patching import PatchOp, patched
+from server.engine.mixed.kernels import (
+    block_diagonal,
+    embedding_side_,
+    grouped_side,
+    plan_chunks,
+    stack_rows,
+)
+from server.engine.mixed.layout import SparseRows, _csr, build_mixed
+from server.engine.mixed.modules import find_param_uses
+from server.routing.policy import BatchPolicy
+
+
+def sparse_rows(shape: tuple[int, int], density: float, seed: int) -> tuple[SparseRows, torch.Tensor]:
+    """A random ΔW as SparseRows and as a dense (rows, cols) tensor."""
+    gen = torch.Generator().manual_seed(seed)
+    index = (torch.rand(shape[0] * shape[1], generator=gen) < density).nonzero().squeeze(1)
+    values = torch.randn(index.numel(), generator=gen)
+    dense = torch.zeros(shape[0] * shape[1])
+    dense[index] = values
+    return _csr(index, values, shape, torch.device("cpu")), dense.view(shape)
+
+
+@pytest.mark.parametrize(
+    ("row_delta", "expected_width"),
+    [([0, 1, 2, 3], 1), ([0, 0, 0, 0, 0, 0, 0, 0], 8), ([0, -1, 0, 1, 1, -1], 2)],
+)
+def test_chunk_plan_gives_every_row_its_own_column_of_its_deltas_chunk(
+    row_delta: list[int], expected_width: int
+) -> None:
+    plan = plan_chunks(row_delta, [100] * (max(row_delta) + 1))
+    assert plan.width == expected_width
+    used = [s for s in plan.row_slot if s >= 0]
+    assert len(set(used)) == len(used)  # no two rows share a column
+    for delta, slot in zip(row_delta, plan.row_slot, strict=True):
+        assert (slot < 0) == (delta < 0)
+        if delta >= 0:
+            assert plan.chunks[slot // plan.width] == delta
+
+
+@pytest.mark.parametrize("row_delta", [[0, 1, 2, 0, -1, 1], [1, 1, 1, 1, 0], [0], [-1, 2, 2]])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_grouped_side_product_equals_each_rows_dense_delta_product(row_delta: list[int], tokens: int) -> None:
+    shape = (12, 10)
+    deltas = [sparse_rows(shape, 0.3, seed) for seed in range(3)]
+    plan = plan_chunks(row_delta, [d[0].nnz for d in deltas])
+    matrix = block_diagonal([deltas[d][0] for d in plan.chunks], shape)
+    x = torch.randn(len(row_delta), tokens, shape[1], generator=torch.Generator().manual_seed(9))
+    rows = torch.tensor([i for i, d in enumerate(row_delta) if d >= 0])
+    slot_row = [0] * (len(plan.chunks) * plan.width)
+    for row, slot in enumerate(plan.row_slot):
+        if slot >= 0:
+            slot_row[slot] = row
+    slots = torch.tensor([s for s in plan.row_slot if s >= 0])
+    assert matrix is not None
+    side = grouped_side(
+        matrix, x, plan.width, torch.tensor(slot_row), slots // plan.width, slots % plan.width
+    )
+    for a, row in enumerate(rows.tolist()):
+        expected = x[row] @ deltas[row_delta[row]][1].T
+        torch.testing.assert_close(side[a], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_block_diagonal_of_deltas_that_leave_a_weight_alone_is_none_or_zero_blocks() -> None:
+    shape = (4, 5)
+    assert block_diagonal([None, None], shape) is None
+    delta, dense = sparse_rows(shape, 0.5, 1)
+    matrix = block_diagonal([None, delta], shape)
+    assert matrix is not None
+    full = matrix.to_dense()
+    assert torch.equal(full[:4, :5], torch.zeros(shape)) and torch.equal(full[4:, 5:], dense)
+
+
+def test_embedding_side_is_exactly_the_patched_embedding_row() -> None:
+    vocab, width = 20, 6
+    table = torch.randn(vocab, width).to(torch.bfloat16)
+    deltas = [sparse_rows((vocab, width), 0.4, seed) for seed in (1, 2)]
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, vocab, (3, 4), generator=gen)
+    row_delta = torch.tensor([1, -1, 0])
+    out = table[ids]  # (B, T, H) what nn.Embedding returns
+    stacked = stack_rows([d[0] for d in deltas], (vocab, width))
+    assert stacked is not None
+    embedding_side_(out, ids, stacked, row_delta)
+    for b, d in enumerate(row_delta.tolist()):
+        if d < 0:
+            expected = table[ids[b]]
+        else:
+            flat_index = deltas[d][1].reshape(-1).nonzero().squeeze(1)
+            values = deltas[d][1].reshape(-1)[flat_index].to(torch.bfloat16)
+            expected = patched(table, flat_index, values)[ids[b]]
+        assert torch.equal(out[b], expected), b
+
+
+class _RMSNorm(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
+class _Summed(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight.sum()  # a stacked per-row weight would mix rows: no exact per-row form
+
+
+def test_modules_are_classified_by_a_probe_and_unsupported_params_make_a_delta_unmixable() -> None:
+    model = nn.Sequential(nn.Embedding(10, 8), _RMSNorm(8), nn.Linear(8, 8, bias=True), _Summed(8))
+    uses = find_param_uses(model)
+    assert set(uses.linears) == {"2.weight"} and set(uses.embeddings) == {"0.weight"}
+    assert set(uses.norms) == {"1.weight"}  # the probe rejects _Summed
+    weights = dict(model.named_parameters())
+    ok = PreparedDelta("ok", None, (PatchOp("2.weight", torch.tensor([1, 9]), torch.ones(2)),  # type: ignore[arg-type]
+                                    PatchOp("1.weight", torch.tensor([0]), torch.ones(1))))  # fmt: skip
+    layout = build_mixed(ok, uses, weights)
+    assert layout is not None and layout.linear_nnz == 2 and set(layout.norms) == {"1.weight"}
+    for target in ("2.bias", "3.weight"):
+        bad = PreparedDelta("bad", None, (PatchOp(target, torch.tensor([0]), torch.ones(1)),))  # type: ignore[arg-type]
+        assert build_mixed(bad, uses, weights) is None, target
+    dense_linear = PreparedDelta("d", None, (PatchOp("2.weight", None, torch.ones(8, 8)),))  # type: ignore[arg-type]
+    assert build_mixed(dense_linear, uses, weights) is None
+
+
+def test_policy_merges_a_dominant_or_lonely_model_and_mixes_a_spread_queue() -> None:
+    auto = BatchPolicy("auto", dominance=0.5)
+
+    def choose(picked: str, queued: dict[str, int], overdue: bool = False) -> str | None:
+        return auto.merged_model(picked, queued, max_batch=8, overdue=overdue)
+
+    assert choose("a", {"a": 1, "b": 1, "c": 1}) is None
+    assert choose("a", {"a": 5, "b": 1, "c": 1}) == "a"
+    assert choose("b", {"a": 5, "b": 1, "c": 1}) == "a"  # the dominant model goes first...
+    assert choose("b", {"a": 5, "b": 1, "c": 1}, overdue=True) is None  # ...unless b waited too long
+    assert choose("a", {"a": 3}) == "a"  # one model: nothing to mix
+    assert choose("x", {"a": 1, "b": 1}) == "x"  # the picked model cannot mix
+    assert choose("a", {"a": 4, "b": 30}) == "b"  # b alone fills the next batch
+    assert BatchPolicy("mixed").merged_model("a", {"a": 9}, max_batch=8, overdue=False) is None
+    assert BatchPolicy("merged").merged_model("a", {"a": 1, "b": 1}, max_batch=8, overdue=False) == "a"
