@@ -25,6 +25,20 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _wait_ready(proc: subprocess.Popen[str], url: str, timeout_s: float) -> None:
+    """Poll /ready until 200; fail with the server's stderr if the process dies first."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        try:
+            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"{url} not ready within {timeout_s} s"
+        time.sleep(0.1)
+
+
 def test_serve_fails_fast_with_a_clear_message_on_a_bad_base(tmp_path: Path) -> None:
     r = subprocess.run(
         [*DELTASERVE, "serve", "--base", str(tmp_path / "missing"), "--store", str(tmp_path / "s")],
@@ -46,16 +60,7 @@ def test_serve_without_base_serves_the_embedded_smollm2(tmp_path: Path) -> None:
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            try:
-                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline
-            time.sleep(0.5)
+        _wait_ready(proc, url, timeout_s=600)
         models = httpx.get(f"{url}/v1/models", timeout=30).json()["data"]
         assert [m["id"] for m in models] == ["SmolLM2-135M-Instruct"]
         assert (tmp_path / "data" / "deltaserve" / "store").is_dir()
@@ -81,16 +86,7 @@ def test_sigterm_drains_in_flight_streams(
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            try:
-                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        _wait_ready(proc, url, timeout_s=90)
         first_event = threading.Event()
         outcomes: list[tuple[str, int]] = []
 
