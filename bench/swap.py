@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from deltas_store import PreparedDelta, apply_delta_, restore_  # noqa: E402
 from deltas_store.patching import PatchOp  # noqa: E402
-from server.engine.packing import FlatWeights  # noqa: E402
+from server.engine.packing import FlatWeights, flat_layout  # noqa: E402
 from server.metrics import ServerMetrics  # noqa: E402
 from server.routing.flat import DEFAULT_KERNEL, WRITE_KERNELS, gather_bits  # noqa: E402
 from server.routing.patching import SwapManager  # noqa: E402
@@ -85,12 +85,10 @@ def select(shapes: dict[str, tuple[int, ...]], layers: int | None) -> dict[str, 
 
 def flat_weights(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, device: torch.device) -> FlatWeights:
     """Random weights laid out exactly as `server.engine.packing.pack_parameters_` lays out a model."""
-    offsets, total = {}, 0
-    for name, shape in shapes.items():
-        offsets[name] = total
-        total += torch.Size(shape).numel()
+    sizes = {n: torch.Size(s) for n, s in shapes.items()}
+    offsets, total = flat_layout(sizes, dtype)
     buffer = torch.randn(total, generator=torch.Generator().manual_seed(0)).to(device, dtype)
-    return FlatWeights(buffer, offsets, {n: torch.Size(s) for n, s in shapes.items()})
+    return FlatWeights(buffer, offsets, sizes)
 
 
 def views(flat: FlatWeights) -> dict[str, torch.Tensor]:

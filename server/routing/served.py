@@ -23,7 +23,7 @@ class ServedDelta:
     """
 
     name: str
-    flat: FlatDelta | None  # patch the whole model in one gather + scatter
+    flat: FlatDelta | None  # patch the whole model in one scatter
     prepared: PreparedDelta | None  # fallback: per-tensor patching with deltas_store's functions
     mixed: MixedDelta | None
     full: torch.Tensor | None = None  # (numel,) every resident parameter as base + delta, on the host
