@@ -14,7 +14,7 @@ rate p with random values. For each base dtype and p, in one run and interleaved
 Then a kernel comparison (bit-exactness checked for each): per-tensor deltas_store functions (the old server
 path), per-call conversions, the flat layout with gather + add + scatter on every swap, index_add_, and the
 server's layout (originals and patched values computed once at load, so a swap is one write) with each
-kernel of `server.routing.flat.WRITE_KERNELS` and both index widths.
+kernel of `server.routing.flat.WRITE_KERNELS` (int64 indices, the server's) and scatter with int32 ones.
 
     python bench/swap.py --quick --threads 1     # 6 layers of Linear weights, under a minute
     python bench/swap.py                         # the whole model, embedding included
@@ -251,8 +251,8 @@ def compare_kernels(
         "flat gather + index_add_": index_add,
     }
     for name in WRITE_KERNELS:
-        variants[f"precomputed {name} int32"] = precomputed(name, fd.index)
-    variants[f"precomputed {DEFAULT_KERNEL} int64"] = precomputed(DEFAULT_KERNEL, fd.index.long())
+        variants[f"precomputed {name} int64"] = precomputed(name, fd.index)
+    variants[f"precomputed {DEFAULT_KERNEL} int32"] = precomputed(DEFAULT_KERNEL, fd.index.int())
     results: dict[str, dict[str, Any]] = {}
     for name, run in variants.items():
         undo = run()

@@ -27,11 +27,6 @@ class FlatWeights:
     offsets: Mapping[str, int]
     shapes: Mapping[str, torch.Size]
 
-    @property
-    def index_dtype(self) -> torch.dtype:
-        """int32 while every flat position fits (half the index bytes), else int64."""
-        return torch.int32 if self.buffer.numel() < 2**31 else torch.int64
-
 
 def flat_layout(shapes: Mapping[str, torch.Size], dtype: torch.dtype) -> tuple[dict[str, int], int]:
     """(offset of each tensor, total elements) when `shapes` are laid end to end, each cache-line aligned."""

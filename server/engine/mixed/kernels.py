@@ -2,7 +2,9 @@
 
 Rows are grouped by delta into chunks of `width` rows; chunk k's delta sits on the k-th diagonal block of
 one CSR matrix, so one `torch.sparse.mm` computes every row's x·ΔWᵀ with no loop over deltas. A delta with
-more rows than `width` gets several chunks (its values repeated), a chunk with fewer rows pads with zeros.
+more rows than `width` gets several chunks (its values repeated); a chunk with fewer rows has padding
+columns whose products are computed and ignored. The width trades index loads (one per kept value per
+chunk) against padding; bench/mixed.py compares this with per-delta loops, padded `bmm` and gathers.
 """
 
 from __future__ import annotations
