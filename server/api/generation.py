@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
-from server.api.schemas import Usage
+from server.api.schemas import SamplingRequest, Usage
 from server.engine.request import Finished, GenerationRequest, SamplingParams
 from server.errors import InvalidRequestError, RequestCancelledError
 from server.runtime import Runtime
@@ -135,22 +135,15 @@ class Job:
 
 def start_job(
     runtime: Runtime,
-    *,
-    model: str,
+    body: SamplingRequest,
     prompts: Sequence[list[int]],
-    n: int,
     max_tokens: int | None,
-    temperature: float,
-    top_p: float,
-    seed: int | None,
-    stop: Sequence[str],
-    logprobs: object,
-    ignore_eos: bool = False,
 ) -> Job:
     """Check the request against the model and limits, then queue it; choice i*n + j = prompt i, sample j."""
+    model, n, seed, stop = body.model, body.n, body.seed, body.stop_list
     runtime.registry.resolve(model)  # 404 before any work
     settings = runtime.settings
-    if logprobs not in (None, False, 0):
+    if body.logprobs not in (None, False, 0):
         raise InvalidRequestError("logprobs are not supported by this server", param="logprobs")
     if len(stop) > settings.max_stop_sequences:
         raise InvalidRequestError(f"at most {settings.max_stop_sequences} stop sequences", param="stop")
@@ -161,7 +154,9 @@ def start_job(
         for j in range(n):
             sample_seed = None if seed is None else seed + j
             all_prompts.append(prompt)
-            params.append(SamplingParams(limit, temperature, top_p, sample_seed, tuple(stop), ignore_eos))
+            params.append(
+                SamplingParams(limit, body.temperature, body.top_p, sample_seed, tuple(stop), body.ignore_eos)
+            )
     job = Job(runtime, model, all_prompts, params, sum(len(p) for p in prompts))
     job.submit()
     return job

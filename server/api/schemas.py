@@ -13,7 +13,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _GenerationRequest(BaseModel):
+class SamplingRequest(BaseModel):
     """Fields shared by completions and chat; OpenAI fields we do not implement are ignored."""
 
     model_config = ConfigDict(extra="ignore")
@@ -42,7 +42,7 @@ class _GenerationRequest(BaseModel):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
-class CompletionRequest(_GenerationRequest):
+class CompletionRequest(SamplingRequest):
     """`POST /v1/completions`: one prompt (text or token ids) or a list of them."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
@@ -67,7 +67,7 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
-class ChatCompletionRequest(_GenerationRequest):
+class ChatCompletionRequest(SamplingRequest):
     """`POST /v1/chat/completions`: rendered with the tokenizer's chat template."""
 
     messages: list[ChatMessage] = Field(min_length=1)

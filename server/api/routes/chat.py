@@ -31,17 +31,7 @@ async def create_chat_completion(
 ) -> ChatCompletion | StreamingResponse:
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     job = start_job(
-        runtime,
-        model=body.model,
-        prompts=[runtime.engine.encode_chat(messages)],
-        n=body.n,
-        max_tokens=body.max_completion_tokens or body.max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        seed=body.seed,
-        stop=body.stop_list,
-        logprobs=body.logprobs,
-        ignore_eos=body.ignore_eos,
+        runtime, body, [runtime.engine.encode_chat(messages)], body.max_completion_tokens or body.max_tokens
     )
     chat_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 

@@ -42,19 +42,7 @@ async def create_completion(
 ) -> Completion | StreamingResponse:
     if body.echo:
         raise InvalidRequestError("echo is not supported by this server", param="echo")
-    job = start_job(
-        runtime,
-        model=body.model,
-        prompts=_prompts(body, runtime),
-        n=body.n,
-        max_tokens=body.max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        seed=body.seed,
-        stop=body.stop_list,
-        logprobs=body.logprobs,
-        ignore_eos=body.ignore_eos,
-    )
+    job = start_job(runtime, body, _prompts(body, runtime), body.max_tokens)
     completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
     def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> Completion:
