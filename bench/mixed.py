@@ -17,6 +17,7 @@ a mix, random DARE masks at drop rate p, decode (T=1) and prefill (T=16) inputs.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import statistics
@@ -33,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from server.engine.mixed.kernels import Chunking, block_diagonal, grouped_side, plan_chunks  # noqa: E402
 from server.engine.mixed.layout import SparseRows, _csr  # noqa: E402
+from server.engine.mixed.native import side_kernel  # noqa: E402
 
 SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]  # (out, in)
 
@@ -105,8 +107,22 @@ def side_kernels(
         y = y.view(len(used), shape[0], most * x.shape[1]).transpose(1, 2).reshape(-1, x.shape[1], shape[0])
         return y[slot]
 
-    return {"server": chunked(None), "width=1": chunked(1), "width=max": chunked(most), "loop": loop,
-            "bmm": bmm, "gather": gather}  # fmt: skip
+    kernels = {"server": chunked(None), "width=1": chunked(1), "width=max": chunked(most), "loop": loop,
+               "bmm": bmm, "gather": gather}  # fmt: skip
+    native = side_kernel()
+    if native is not None:
+        slot_rows = torch.tensor([b for d in used for b in groups[d]])
+        slot_ptr = torch.tensor([0, *itertools.accumulate(len(groups[d]) for d in used)])
+        csr = [deltas[d][0] for d in used]
+        crows, cols, vals = [c.crow for c in csr], [c.col for c in csr], [c.values for c in csr]
+        out = x.new_zeros(x.shape[0], x.shape[1], shape[0])
+
+        def run_native() -> torch.Tensor:
+            native.side_linear_(out, x, crows, cols, vals, slot_ptr, slot_rows)
+            return out
+
+        kernels["native"] = run_native
+    return kernels
 
 
 def _forced(row_delta: list[int], width: int) -> Chunking:
@@ -136,13 +152,15 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--rows", type=int, default=32)
     parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--tokens", type=int, nargs="+", help="T values (default: 1, and 16 unless --quick)")
+    parser.add_argument("--mix", nargs="+", choices=tuple(mixes(1)), help="request mixes to run")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     reps = args.reps or (3 if args.quick else 7)
-    tokens = (1,) if args.quick else (1, 16)
+    tokens = tuple(args.tokens or ((1,) if args.quick else (1, 16)))
     drop_rates = (0.99,) if args.quick else (0.99, 0.999)
-    mix_names = ("uniform16", "zipf64") if args.quick else tuple(mixes(args.rows))
+    mix_names = tuple(args.mix or (("uniform16", "zipf64") if args.quick else mixes(args.rows)))
     gen = torch.Generator().manual_seed(0)
     rows_out: list[dict[str, Any]] = []
     for p in drop_rates:

@@ -26,9 +26,11 @@ from __future__ import annotations
 import argparse
 import bz2
 import csv
+import fcntl
 import importlib.util
 import io
 import json
+import os
 import platform
 import random
 import statistics
@@ -373,7 +375,12 @@ def _calibration(result: CompressResult) -> dict[str, Any] | None:
     }
 
 
-def encoder_suite(plan: Plan, cache: Path, work: Path, log: Callable[[str], None]) -> list[dict[str, Any]]:
+Save = Callable[[dict[str, Any]], None]
+
+
+def encoder_suite(
+    plan: Plan, cache: Path, work: Path, log: Callable[[str], None], save: Save
+) -> list[dict[str, Any]]:
     from transformers import AutoTokenizer, BertForSequenceClassification
 
     base = (
@@ -421,6 +428,7 @@ def encoder_suite(plan: Plan, cache: Path, work: Path, log: Callable[[str], None
                 run = run_variant(variant, opts, plan.seeds, evaluate, plan.mask_seeds)
                 run.update(p=p, retention=run["mean"] / full if full else 0.0)
                 entry["runs"].append(run)
+                save(entry)  # the report grows run by run, so a long run interrupted keeps what it measured
                 log(
                     f"  p={p:g} {variant.label:<24} acc {run['mean']:.4f} ± {run['std']:.4f}  retention {run['retention']:.3f}  size {run['size_fraction']:.2%}  ({run['seconds']}s)"
                 )
@@ -428,7 +436,9 @@ def encoder_suite(plan: Plan, cache: Path, work: Path, log: Callable[[str], None
     return results
 
 
-def decoder_suite(plan: Plan, cache: Path, work: Path, log: Callable[[str], None]) -> list[dict[str, Any]]:
+def decoder_suite(
+    plan: Plan, cache: Path, work: Path, log: Callable[[str], None], save: Save
+) -> list[dict[str, Any]]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base = embedded_base_dir()
@@ -469,6 +479,7 @@ def decoder_suite(plan: Plan, cache: Path, work: Path, log: Callable[[str], None
                 run = run_variant(variant, opts, plan.seeds, evaluate, plan.mask_seeds)
                 run.update(p=p, retention=run["mean"] / full if full else 0.0)
                 entry["runs"].append(run)
+                save(entry)  # the report grows run by run, so a long run interrupted keeps what it measured
                 log(
                     f"  p={p:g} {variant.label:<24} EM {run['mean']:.4f} ± {run['std']:.4f}  retention {run['retention']:.3f}  size {run['size_fraction']:.2%}"
                 )
@@ -476,15 +487,51 @@ def decoder_suite(plan: Plan, cache: Path, work: Path, log: Callable[[str], None
     return results
 
 
+def _entry_key(entry: dict[str, Any]) -> tuple[str, str]:
+    return entry["model"], entry["finetune"]["name"]
+
+
 def write_report(results: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> None:
+    """Write out.json and out.md; entries of fine-tunes not rerun now are kept from an earlier report."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(
-        json.dumps({"meta": meta, "results": results}, indent=2, default=str) + "\n"
-    )
+    lock = os.open(out.parent, os.O_RDONLY)  # two suites may finish at the same moment
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        previous = out.with_suffix(".json")
+        if previous.is_file():
+            old = json.loads(previous.read_text())
+            rerun = {_entry_key(e) for e in results}
+            kept = [e for e in old["results"] if _entry_key(e) not in rerun]
+            order = [_entry_key(e) for e in old["results"]]
+            results = sorted(
+                kept + results,
+                key=lambda e: order.index(_entry_key(e)) if _entry_key(e) in order else len(order),
+            )
+            runs = [r for r in old["meta"].get("runs", [old["meta"]]) if r.get("started") != meta["started"]]
+            meta = {**meta, "runs": [*runs, _run_meta(meta)]}
+        else:
+            meta = {**meta, "runs": [_run_meta(meta)]}
+        tmp = previous.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=str) + "\n")
+        tmp.replace(previous)
+        _write_markdown(results, meta, out)
+    finally:
+        os.close(lock)  # releases the lock
+
+
+def _run_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    return {k: meta[k] for k in ("suite", "started", "when", "machine", "seconds") if k in meta}
+
+
+def _write_markdown(results: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> None:
     lines = [
         f"# Delta pruning quality ({meta['mode']} mode)",
         "",
-        f"{meta['when']} · {meta['machine']} · torch {meta['torch']}",
+        f"torch {meta['torch']}. Runs: "
+        + "; ".join(
+            f"{r.get('suite', 'all')} suite at {r['when']} on {r['machine']} ({r['seconds'] / 60:.0f} min)"
+            for r in meta["runs"]
+        ),
         "",
     ]
     for entry in results:
@@ -521,7 +568,13 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="a small encoder-only run (~8 CPU-minutes)")
-    parser.add_argument("--no-decoder", action="store_true", help="skip the SmolLM2 suite in the full run")
+    parser.add_argument(
+        "--suite",
+        choices=("all", "encoder", "decoder"),
+        default="all",
+        help="run one suite only; its entries replace the same fine-tunes' entries in an existing report, "
+        "so the two suites can run as separate processes",
+    )
     parser.add_argument(
         "--out", type=Path, help="results path without suffix (default bench/results/quality)"
     )
@@ -530,25 +583,31 @@ def main() -> int:
     out = args.out or ROOT / "bench" / "results" / ("quality-quick" if args.quick else "quality")
     cache = cache_root() / "bench"
     work = cache / "work"
-    work.mkdir(parents=True, exist_ok=True)
+    for sub in ("encoder", "decoder"):
+        (work / sub).mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     t0 = time.time()
 
     def log(message: str) -> None:
         print(f"[{time.time() - t0:6.1f}s] {message}", flush=True)
 
-    results = encoder_suite(plan, cache, work, log)
-    if plan.decoder_finetunes and not args.no_decoder:
-        results += decoder_suite(plan, cache, work, log)
     meta = {
         "mode": "quick" if args.quick else "full",
+        "suite": args.suite,
+        "started": t0,
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
         "torch": torch.__version__,
         "plan": asdict(plan),
-        "seconds": round(time.time() - t0, 1),
     }
-    write_report(results, meta, out)
+
+    def save(entry: dict[str, Any]) -> None:
+        write_report([entry], {**meta, "seconds": round(time.time() - t0, 1)}, out)
+
+    if args.suite in ("all", "encoder"):
+        encoder_suite(plan, cache, work / "encoder", log, save)
+    if plan.decoder_finetunes and args.suite in ("all", "decoder"):
+        decoder_suite(plan, cache, work / "decoder", log, save)
     log(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
     return 0
 

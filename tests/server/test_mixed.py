@@ -69,6 +69,34 @@ def test_mixed_batch_of_every_model_equals_the_applied_references(
     assert mixed_server.runtime.swaps.active is None  # mixed batches never patch the weights
 
 
+@pytest.mark.parametrize("kernel", ["native", "torch-ops"])
+def test_both_side_kernels_give_the_applied_references(
+    mixed_server: LiveServer, references: dict[str, list[str]], monkeypatch: pytest.MonkeyPatch, kernel: str
+) -> None:
+    import server.engine.mixed.batch as batch_module
+    from server.engine.mixed.native import side_kernel
+
+    native = side_kernel()  # blocks until built
+    calls: list[int] = []
+    if kernel == "native":
+        if native is None:
+            pytest.skip("the native side kernel cannot be built on this machine")
+        real = native
+
+        class Counting:
+            def side_linear_(self, *args: torch.Tensor) -> None:
+                calls.append(1)
+                real.side_linear_(*args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(batch_module, "built_side_kernel", Counting)
+    else:  # what a machine without a C++ compiler (or any GPU) runs
+        monkeypatch.setattr(batch_module, "built_side_kernel", lambda: None)
+    jobs = [("ft-0", PROMPTS[0]), ("ft-1", PROMPTS[1]), (BASE_ID, PROMPTS[2]), ("ft-0", PROMPTS[1])]
+    assert held_batch(mixed_server, jobs) == [references[m][PROMPTS.index(p)] for m, p in jobs]
+    assert mixed_batches(mixed_server) >= 1
+    assert bool(calls) == (kernel == "native")
+
+
 def test_mixed_rows_finishing_at_different_steps_keep_their_deltas(
     mixed_server: LiveServer, references: dict[str, list[str]]
 ) -> None:
@@ -216,7 +244,11 @@ def test_a_failing_mixed_batch_fails_its_requests_and_leaves_the_model_intact(
     def broken(*args: object, **kwargs: object) -> torch.Tensor:
         raise RuntimeError("side product failed")
 
-    monkeypatch.setattr(batch_module, "grouped_side", broken)
+    class BrokenKernel:
+        side_linear_ = staticmethod(broken)
+
+    monkeypatch.setattr(batch_module, "grouped_side", broken)  # the torch-ops path
+    monkeypatch.setattr(batch_module, "built_side_kernel", BrokenKernel)  # and the native one
     with mixed_server.client() as c:
         r = c.post("/v1/completions", json={"model": "ft-1", "prompt": PROMPTS[0], "max_tokens": 2})
     assert r.status_code >= 500

@@ -17,6 +17,7 @@ from server.engine.mixed.kernels import (
 )
 from server.engine.mixed.layout import SparseRows, _csr, build_mixed
 from server.engine.mixed.modules import find_param_uses
+from server.engine.mixed.native import side_kernel
 from server.routing.policy import BatchPolicy
 
 
@@ -68,6 +69,89 @@ def test_grouped_side_product_equals_each_rows_dense_delta_product(row_delta: li
     for a, row in enumerate(rows.tolist()):
         expected = x[row] @ deltas[row_delta[row]][1].T
         torch.testing.assert_close(side[a], expected, rtol=1e-5, atol=1e-5)
+
+
+def native_or_skip():  # type: ignore[no-untyped-def]
+    kernel = side_kernel()
+    if kernel is None:  # no C++ compiler or ninja here: the server uses the torch-ops path
+        pytest.skip("the native side kernel cannot be built on this machine")
+    return kernel
+
+
+def native_args(
+    deltas: list[tuple[SparseRows, torch.Tensor]], row_delta: list[int]
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    slots = sorted({d for d in row_delta if d >= 0})
+    rows = [b for s in slots for b, d in enumerate(row_delta) if d == s]
+    ptr = [0]
+    for s in slots:
+        ptr.append(ptr[-1] + row_delta.count(s))
+    return (
+        [deltas[s][0].crow for s in slots],
+        [deltas[s][0].col for s in slots],
+        [deltas[s][0].values for s in slots],
+        torch.tensor(ptr),
+        torch.tensor(rows, dtype=torch.long),
+    )
+
+
+@pytest.mark.parametrize(
+    "row_delta", [[0, 1, 2, 0, -1, 1], [1, 1, 1, 1, 0], [0], [-1, 2, 2], [2, 2, 2, 2, 2, 2, 2]]
+)
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_native_side_kernel_adds_each_rows_dense_delta_product_in_place(
+    row_delta: list[int], tokens: int
+) -> None:
+    kernel = native_or_skip()
+    shape = (37, 23)  # output rows span several of the kernel's blocks; widths 1..7 cover every code path
+    deltas = [sparse_rows(shape, 0.3, seed) for seed in range(3)]
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(len(row_delta), tokens, shape[1], generator=gen)
+    out = torch.randn(len(row_delta), tokens, shape[0], generator=gen)
+    before = out.clone()
+    kernel.side_linear_(out, x, *native_args(deltas, row_delta))
+    for row, d in enumerate(row_delta):
+        expected = before[row] + (x[row] @ deltas[d][1].T if d >= 0 else 0)
+        if d < 0:
+            assert torch.equal(out[row], before[row])  # a base row is left exactly as it was
+        torch.testing.assert_close(out[row], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_native_side_kernel_accumulates_in_float32_for_every_activation_dtype(dtype: torch.dtype) -> None:
+    kernel = native_or_skip()
+    shape = (16, 24)
+    deltas = [sparse_rows(shape, 0.2, seed) for seed in range(2)]
+    row_delta = [0, 1, 1, -1]
+    x = torch.randn(4, 2, shape[1], generator=torch.Generator().manual_seed(3)).to(dtype)
+    out = torch.zeros(4, 2, shape[0], dtype=dtype)
+    kernel.side_linear_(out, x, *native_args(deltas, row_delta))
+    for row, d in enumerate(row_delta):
+        expected = x[row].float() @ deltas[d][1].T if d >= 0 else torch.zeros(2, shape[0])
+        torch.testing.assert_close(out[row].float(), expected, rtol=1e-2, atol=1e-2)
+
+
+def test_native_side_kernel_rejects_inconsistent_arguments_and_writes_nothing() -> None:
+    kernel = native_or_skip()
+    shape = (8, 6)
+    deltas = [sparse_rows(shape, 0.5, 0)]
+    x = torch.randn(2, 1, shape[1])
+    out = torch.zeros(2, 1, shape[0])
+    crows, cols, vals, ptr, rows = native_args(deltas, [0, 0])
+    bad = {
+        "row out of range": (crows, cols, vals, ptr, torch.tensor([0, 5])),
+        "crow must have": ([crows[0][:-1]], cols, vals, ptr, rows),
+        "col and val must match": (crows, cols, [vals[0][:-1]], ptr, rows),
+        "int32": (crows, [cols[0].long()], vals, ptr, rows),
+        "float32": (crows, cols, [vals[0].double()], ptr, rows),
+        "slot_ptr": (crows, cols, vals, torch.tensor([0, 1]), rows),
+    }
+    for message, args in bad.items():
+        with pytest.raises(RuntimeError, match=message):
+            kernel.side_linear_(out, x, *args)
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        kernel.side_linear_(out.double(), x, crows, cols, vals, ptr, rows)
+    assert not out.any()
 
 
 def test_block_diagonal_of_deltas_that_leave_a_weight_alone_is_none_or_zero_blocks() -> None:

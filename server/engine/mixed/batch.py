@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -19,9 +19,21 @@ from server.engine.mixed.kernels import (
 )
 from server.engine.mixed.layout import MixedDelta
 from server.engine.mixed.modules import ParamUses
+from server.engine.mixed.native import SideKernel, built_side_kernel
 from server.engine.request import GenerationRequest
 
 _Hook = Callable[[nn.Module, tuple[Any, ...], torch.Tensor], None]
+_TORCH = object()  # a Linear whose side term the torch-ops path computes
+
+
+class NativeArgs(NamedTuple):
+    """One native side-kernel call's arguments after (out, x): per slot with rows, its CSR; the row groups."""
+
+    crows: list[torch.Tensor]
+    cols: list[torch.Tensor]
+    vals: list[torch.Tensor]
+    slot_ptr: torch.Tensor  # (S + 1,) int64 offsets into slot_rows
+    slot_rows: torch.Tensor  # (A,) int64 batch rows, grouped by slot
 
 
 class MixedBatch:
@@ -55,6 +67,11 @@ class MixedBatch:
         self._chunk = torch.empty(0, dtype=torch.long)  # (A,) their chunk
         self._column = torch.empty(0, dtype=torch.long)  # (A,) their column inside it
         self._device = torch.device("cpu")
+        self._native: SideKernel | None = None  # the C++ side kernel, on CPU where it could be built
+        self._native_args: dict[str, NativeArgs | object | None] = {}
+        self._groups: dict[
+            int, list[int]
+        ] = {}  # slot -> its rows in the batch  # Linear weight -> its call's arguments
 
     # --- the engine's row hooks ---
 
@@ -74,6 +91,7 @@ class MixedBatch:
         chunking = plan_chunks(row_delta, [d.linear_nnz for d in self._slots])
         self._width, self._chunks, self._row_slot = chunking.width, chunking.chunks, list(chunking.row_slot)
         self._device = device
+        self._native = built_side_kernel() if device.type == "cpu" else None
         self._row_delta = torch.tensor(row_delta, dtype=torch.long, device=device)
         self._install()
         self._refresh()
@@ -94,6 +112,7 @@ class MixedBatch:
         self._norms.clear()
         self._matrices.clear()
         self._stacks.clear()
+        self._native_args.clear()
 
     # --- per-row state ---
 
@@ -111,6 +130,11 @@ class MixedBatch:
         where = [self._row_slot[row] for row in active]
         self._chunk = torch.tensor([s // self._width for s in where], dtype=torch.long, device=device)
         self._column = torch.tensor([s % self._width for s in where], dtype=torch.long, device=device)
+        self._native_args.clear()  # their row groups changed
+        self._groups = {}
+        for row, slot in enumerate(self._row_delta.tolist()):
+            if slot >= 0:
+                self._groups.setdefault(slot, []).append(row)
         for table, modules, _ in self._norms.values():
             rows = table.index_select(0, self._row_delta + 1).unsqueeze(1)  # (B, 1, H) per-row weights
             for module in modules:
@@ -143,8 +167,46 @@ class MixedBatch:
 
     # --- hooks ---
 
+    def _native_call(self, name: str) -> NativeArgs | object | None:
+        """The native kernel's arguments for Linear `name` (the slots with rows that change it, their CSRs,
+        their row groups); None when no row's delta changes it; `_TORCH` when a layout is not the kernel's
+        (float32 values), so the torch-ops path runs instead."""
+        if name in self._native_args:
+            return self._native_args[name]
+        crows, cols, vals, ptr, rows = [], [], [], [0], []
+        for slot, members in self._groups.items():
+            matrix = self._slots[slot].matrices.get(name)
+            if matrix is None or matrix.nnz == 0:
+                continue
+            if matrix.values.dtype != torch.float32:
+                self._native_args[name] = _TORCH
+                return _TORCH
+            crows.append(matrix.crow)
+            cols.append(matrix.col)
+            vals.append(matrix.values)
+            rows.extend(members)
+            ptr.append(len(rows))
+        args = (
+            NativeArgs(
+                crows, cols, vals, torch.tensor(ptr, dtype=torch.long), torch.tensor(rows, dtype=torch.long)
+            )
+            if crows
+            else None
+        )
+        self._native_args[name] = args
+        return args
+
     def _linear_hook(self, name: str) -> _Hook:
         def hook(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
+            call = self._native_call(name) if self._native is not None else _TORCH
+            if call is None:
+                return  # no row's delta changes this Linear
+            if call is not _TORCH:
+                assert self._native is not None and isinstance(call, NativeArgs)
+                x = args[0]
+                x3 = x.reshape(x.shape[0], -1, x.shape[-1]).contiguous()
+                self._native.side_linear_(out.view(out.shape[0], -1, out.shape[-1]), x3, *call)
+                return
             if name not in self._matrices:
                 blocks = [self._slots[s].matrices.get(name) for s in self._chunks]
                 shape = self.uses.shapes[name]

@@ -1,0 +1,167 @@
+// Mixed-batch side products on CPU: out[r, t, :] += x[r, t, :] · ΔW_{slot(r)}ᵀ for every row r with a delta,
+// in one call per Linear for the whole batch (no loop over deltas in Python, no weight written).
+//
+// Each slot's ΔW is CSR (crow (O+1,) int32, col (nnz,) int32, val (nnz,) float32). The rows of a slot are
+// packed once per call as an (I, W) float32 panel (W = rows·T), so a kept value's index and value are loaded
+// once per slot and multiply W contiguous floats; output rows are split across torch's intra-op threads.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+namespace {
+
+// acc[j] = Σ_k val[k] · panel[col[k] * W + j] for kept entries [begin, end) of one output row; W fixed.
+template <int W>
+inline void dot_fixed(const int32_t* col, const float* val, int32_t begin, int32_t end, const float* panel,
+                      float* acc) {
+  // Four independent partial sums per column: rows hold few kept values, and one chain of dependent adds
+  // would make every value wait for the previous one's add.
+  float a0[W] = {}, a1[W] = {}, a2[W] = {}, a3[W] = {};
+  int32_t k = begin;
+  for (; k + 4 <= end; k += 4) {
+    const float* x0 = panel + static_cast<int64_t>(col[k]) * W;
+    const float* x1 = panel + static_cast<int64_t>(col[k + 1]) * W;
+    const float* x2 = panel + static_cast<int64_t>(col[k + 2]) * W;
+    const float* x3 = panel + static_cast<int64_t>(col[k + 3]) * W;
+    const float v0 = val[k], v1 = val[k + 1], v2 = val[k + 2], v3 = val[k + 3];
+    for (int j = 0; j < W; ++j) {
+      a0[j] += v0 * x0[j];
+      a1[j] += v1 * x1[j];
+      a2[j] += v2 * x2[j];
+      a3[j] += v3 * x3[j];
+    }
+  }
+  for (; k < end; ++k) {
+    const float* xr = panel + static_cast<int64_t>(col[k]) * W;
+    for (int j = 0; j < W; ++j) a0[j] += val[k] * xr[j];
+  }
+  for (int j = 0; j < W; ++j) acc[j] = (a0[j] + a1[j]) + (a2[j] + a3[j]);
+}
+
+inline void dot_any(const int32_t* col, const float* val, int32_t begin, int32_t end, const float* panel,
+                    int64_t w, float* acc) {
+  std::fill(acc, acc + w, 0.f);
+  for (int32_t k = begin; k < end; ++k) {
+    const float v = val[k];
+    const float* xr = panel + static_cast<int64_t>(col[k]) * w;
+    for (int64_t j = 0; j < w; ++j) acc[j] += v * xr[j];
+  }
+}
+
+template <typename scalar_t>
+void side_linear_kernel(
+    torch::Tensor& out, const torch::Tensor& x, const std::vector<torch::Tensor>& crows,
+    const std::vector<torch::Tensor>& cols, const std::vector<torch::Tensor>& vals,
+    const int64_t* slot_ptr, const int64_t* slot_rows) {
+  const int64_t T = x.size(1), I = x.size(2), O = out.size(2);
+  const int64_t S = static_cast<int64_t>(crows.size());
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  // Slot s: W_s = rows·T panel columns; its panel is floats [panel_off[s], +I·W_s) laid out (I, W_s), and
+  // panel column j lands at out offset dst[dst_off[s] + j] (+ o).
+  std::vector<int64_t> width(S), panel_off(S + 1, 0), dst_off(S + 1, 0);
+  int64_t widest = 0;
+  for (int64_t s = 0; s < S; ++s) {
+    width[s] = (slot_ptr[s + 1] - slot_ptr[s]) * T;
+    panel_off[s + 1] = panel_off[s] + I * width[s];
+    dst_off[s + 1] = dst_off[s] + width[s];
+    widest = std::max(widest, width[s]);
+  }
+  std::vector<int64_t> dst(dst_off[S]);
+  std::vector<float> panels(panel_off[S]);
+  at::parallel_for(0, S, 1, [&](int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s) {
+      float* panel = panels.data() + panel_off[s];
+      const int64_t w = width[s];
+      int64_t j = 0;
+      for (int64_t a = slot_ptr[s]; a < slot_ptr[s + 1]; ++a) {
+        for (int64_t t = 0; t < T; ++t, ++j) {
+          const int64_t flat = slot_rows[a] * T + t;
+          dst[dst_off[s] + j] = flat * O;
+          const scalar_t* src = xp + flat * I;
+          for (int64_t c = 0; c < I; ++c) panel[c * w + j] = static_cast<float>(src[c]);
+        }
+      }
+    }
+  });
+  std::vector<const int32_t*> crow_p(S), col_p(S);
+  std::vector<const float*> val_p(S);
+  for (int64_t s = 0; s < S; ++s) {
+    crow_p[s] = crows[s].data_ptr<int32_t>();
+    col_p[s] = cols[s].data_ptr<int32_t>();
+    val_p[s] = vals[s].data_ptr<float>();
+  }
+  // Output rows in blocks; inside a block one slot at a time, so its CSR streams and its panel stays hot.
+  at::parallel_for(0, O, 64, [&](int64_t o0, int64_t o1) {
+    std::vector<float> acc(widest);
+    float* a = acc.data();
+    for (int64_t s = 0; s < S; ++s) {
+      const int64_t w = width[s];
+      const float* panel = panels.data() + panel_off[s];
+      const int32_t* crow = crow_p[s];
+      const int32_t* col = col_p[s];
+      const float* val = val_p[s];
+      const int64_t* to = dst.data() + dst_off[s];
+      for (int64_t o = o0; o < o1; ++o) {
+        const int32_t begin = crow[o], end = crow[o + 1];
+        if (begin == end) continue;
+        switch (w) {
+          case 1: dot_fixed<1>(col, val, begin, end, panel, a); break;
+          case 2: dot_fixed<2>(col, val, begin, end, panel, a); break;
+          case 3: dot_fixed<3>(col, val, begin, end, panel, a); break;
+          case 4: dot_fixed<4>(col, val, begin, end, panel, a); break;
+          default: dot_any(col, val, begin, end, panel, w, a);
+        }
+        for (int64_t j = 0; j < w; ++j) {
+          scalar_t& y = op[to[j] + o];
+          y = static_cast<scalar_t>(static_cast<float>(y) + a[j]);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void side_linear_(
+    torch::Tensor out, torch::Tensor x, std::vector<torch::Tensor> crows, std::vector<torch::Tensor> cols,
+    std::vector<torch::Tensor> vals, torch::Tensor slot_ptr, torch::Tensor slot_rows) {
+  TORCH_CHECK(out.dim() == 3 && x.dim() == 3, "out and x must be (B, T, features)");
+  TORCH_CHECK(out.is_contiguous() && x.is_contiguous(), "out and x must be contiguous");
+  TORCH_CHECK(out.device().is_cpu() && x.device().is_cpu(), "the native side kernel runs on CPU");
+  TORCH_CHECK(out.scalar_type() == x.scalar_type(), "out and x must share a dtype");
+  TORCH_CHECK(out.size(0) == x.size(0) && out.size(1) == x.size(1), "out and x must share (B, T)");
+  const int64_t S = static_cast<int64_t>(crows.size());
+  TORCH_CHECK(static_cast<int64_t>(cols.size()) == S && static_cast<int64_t>(vals.size()) == S,
+              "one crow, col and val per slot");
+  TORCH_CHECK(slot_ptr.scalar_type() == torch::kInt64 && slot_rows.scalar_type() == torch::kInt64,
+              "slot_ptr and slot_rows must be int64");
+  TORCH_CHECK(slot_ptr.numel() == S + 1, "slot_ptr must have one entry per slot plus one");
+  const int64_t B = x.size(0), I = x.size(2), O = out.size(2);
+  const int64_t* ptr = slot_ptr.data_ptr<int64_t>();
+  const int64_t* rows = slot_rows.data_ptr<int64_t>();
+  TORCH_CHECK(ptr[0] == 0 && ptr[S] == slot_rows.numel(), "slot_ptr must span slot_rows");
+  for (int64_t s = 0; s < S; ++s) TORCH_CHECK(ptr[s] <= ptr[s + 1], "slot_ptr must not decrease");
+  for (int64_t a = 0; a < slot_rows.numel(); ++a) TORCH_CHECK(rows[a] >= 0 && rows[a] < B, "row out of range");
+  for (int64_t s = 0; s < S; ++s) {
+    TORCH_CHECK(crows[s].scalar_type() == torch::kInt32 && cols[s].scalar_type() == torch::kInt32,
+                "crow and col must be int32");
+    TORCH_CHECK(vals[s].scalar_type() == torch::kFloat32, "values must be float32");
+    TORCH_CHECK(crows[s].is_contiguous() && cols[s].is_contiguous() && vals[s].is_contiguous(),
+                "crow, col and val must be contiguous");
+    TORCH_CHECK(crows[s].numel() == O + 1, "crow must have out_features + 1 entries");
+    TORCH_CHECK(cols[s].numel() == vals[s].numel(), "col and val must match");
+    // Bounds are the layout's invariants (checked when the delta was loaded); the last offset is cheap to check.
+    TORCH_CHECK(crows[s].data_ptr<int32_t>()[O] == cols[s].numel(), "crow must end at nnz");
+  }
+  (void)I;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, x.scalar_type(),
+                                  "side_linear_", [&] {
+    side_linear_kernel<scalar_t>(out, x, crows, cols, vals, ptr, rows);
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("side_linear_", &side_linear_, "out += x · ΔWᵀ per row's delta slot (in place)");
+}
