@@ -33,8 +33,10 @@ RUNTIME_TARGETS = {"cpu": "cpu", "cuda": "cuda"}  # Dockerfile stage -> its DELT
 SERVICES = {"deltaserve": "cuda", "deltaserve-cpu": "cpu"}  # compose service -> Dockerfile target
 TORCH_CEILING = Version("2.14.1")  # the newest torch this project supports
 SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
-# Settings read from the environment outside ServerSettings: the model cache of deltas_store.embedded.
-EXTRA_SETTINGS = {"DELTASERVE_CACHE_DIR"}
+# Settings read from the environment outside ServerSettings: the model cache (deltas_store.embedded) and
+# the prebuilt mixed-batch kernel (server.engine.mixed.native).
+EXTRA_SETTINGS = {"DELTASERVE_CACHE_DIR", "DELTASERVE_NATIVE_LIB"}
+CPU_ONLY = {"DELTASERVE_NATIVE_LIB"}  # the C++ mixed-batch kernel: CUDA batches use torch ops
 
 
 # ---- the tools -----------------------------------------------------------------------------------------
@@ -200,7 +202,18 @@ def test_runtime_targets_share_one_configuration(dockerfile: Dockerfile) -> None
     for stage, device in RUNTIME_TARGETS.items():
         env = dockerfile.stages[stage].env()
         assert env.pop("DELTASERVE_DEVICE") == device
-        assert env == {k: v for k, v in cpu.env().items() if k != "DELTASERVE_DEVICE"}
+        shared = {k: v for k, v in cpu.env().items() if k != "DELTASERVE_DEVICE" and k not in CPU_ONLY}
+        assert {k: v for k, v in env.items() if k not in CPU_ONLY} == shared
+
+
+def test_cpu_image_loads_the_kernel_its_build_stage_compiled(dockerfile: Dockerfile) -> None:
+    from server.engine.mixed import native
+
+    lib = dockerfile.stages["cpu"].env()["DELTASERVE_NATIVE_LIB"]
+    assert "DELTASERVE_NATIVE_LIB" in Path(native.__file__).read_text()
+    build = "\n".join(dockerfile.stages["cpu-build"].args("RUN"))
+    assert f"cp /tmp/torch-ext/{native._NAME}/{native._NAME}.so {lib}" in build
+    assert lib.startswith("/opt/venv/")  # inside the virtualenv the runtime stage copies
     assert dockerfile.base_image("cuda").startswith("nvidia/cuda:")
 
 

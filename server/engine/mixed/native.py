@@ -2,7 +2,8 @@
 
 Compiling needs a C++ compiler and ninja; where either is missing (or the build fails) `side_kernel()`
 returns None, logs why once, and mixed batches use the torch-ops path in kernels.py. Set
-DELTASERVE_NATIVE=0 to skip it. The build is cached under torch's extensions directory
+DELTASERVE_NATIVE=0 to skip it, or DELTASERVE_NATIVE_LIB to a prebuilt module file to load it without a
+compiler (the CPU Docker image builds it in its build stage). The build is cached under torch's extensions directory
 (TORCH_EXTENSIONS_DIR), so only the first process on a machine pays for it (about a minute); the server
 starts it in the background (`build_in_background`) and mixed batches take `built_side_kernel()`, which
 never waits: until the build is done they use the torch-ops path.
@@ -11,6 +12,7 @@ never waits: until the build is done they use the torch-ops path.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import os
 import threading
@@ -20,6 +22,7 @@ from typing import Any, Protocol
 import torch
 
 log = logging.getLogger(__name__)
+_NAME = "deltaserve_side"
 
 
 class SideKernel(Protocol):
@@ -40,11 +43,14 @@ def side_kernel() -> SideKernel | None:
     """The compiled module, or None where it cannot be built here (logged once)."""
     if os.environ.get("DELTASERVE_NATIVE", "1").lower() in ("0", "false", "no", "off"):
         return None
+    prebuilt = os.environ.get("DELTASERVE_NATIVE_LIB")
     try:
+        if prebuilt:
+            return _import(Path(prebuilt))
         from torch.utils.cpp_extension import load
 
         module: Any = load(
-            name="deltaserve_side",
+            name=_NAME,
             sources=[str(Path(__file__).with_name("side.cpp"))],
             extra_cflags=["-O3"],
             verbose=False,
@@ -53,6 +59,16 @@ def side_kernel() -> SideKernel | None:
         log.warning("native side kernel unavailable (%s); mixed batches use torch ops", exc)
         return None
     return module  # type: ignore[no-any-return]
+
+
+def _import(path: Path) -> SideKernel:
+    """Import a module file built by `side_kernel()` elsewhere (same torch, same Python)."""
+    spec = importlib.util.spec_from_file_location(_NAME, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"{path} is not an extension module")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module  # type: ignore[return-value]
 
 
 _build: threading.Thread | None = None
