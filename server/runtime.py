@@ -7,11 +7,10 @@ import logging
 import time
 from dataclasses import dataclass
 
-from deltas_store import DeltaStore, ModelDir, base_fingerprint, embedded_base_dir
+from deltas_store import DeltaStore, ModelDir, base_fingerprint, embedded_base_dir, native
 from server.engine.generator import Engine
 from server.engine.mixed.batch import MixedBatch
 from server.engine.mixed.modules import find_param_uses
-from server.engine.mixed.native import build_in_background
 from server.engine.model import load_model
 from server.metrics import ServerMetrics
 from server.routing.admin import DeltaAdmin
@@ -80,7 +79,7 @@ def build_runtime(settings: ServerSettings, metrics: ServerMetrics) -> Runtime:
     )  # fmt: skip
     mixer = functools.partial(MixedBatch, loaded.model, uses) if uses is not None else None
     if mixer is not None and loaded.device.type == "cpu":
-        build_in_background()  # the C++ side kernel; mixed batches use torch ops until it is ready
+        native.build_in_background()  # the C++ side kernel; mixed batches use torch ops until it lands
     scheduler = Scheduler(
         engine,
         swaps,

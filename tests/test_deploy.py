@@ -207,12 +207,10 @@ def test_runtime_targets_share_one_configuration(dockerfile: Dockerfile) -> None
 
 
 def test_cpu_image_loads_the_kernel_its_build_stage_compiled(dockerfile: Dockerfile) -> None:
-    from server.engine.mixed import native
-
     lib = dockerfile.stages["cpu"].env()["DELTASERVE_NATIVE_LIB"]
-    assert "DELTASERVE_NATIVE_LIB" in Path(native.__file__).read_text()
-    build = "\n".join(dockerfile.stages["cpu-build"].args("RUN"))
-    assert f"cp /tmp/torch-ext/{native._NAME}/{native._NAME}.so {lib}" in build
+    build = " ".join(" ".join(dockerfile.stages["cpu-build"].args("RUN")).split())
+    assert f"python -m deltas_store.native --quiet --copy-to {lib}" in build
+    assert "g++" in build
     assert lib.startswith("/opt/venv/")  # inside the virtualenv the runtime stage copies
     assert dockerfile.base_image("cuda").startswith("nvidia/cuda:")
 

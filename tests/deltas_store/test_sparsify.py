@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from deltas_store import native
 from deltas_store.compression.sparsify import (
+    _seeded_keep_torch,
+    keep_threshold,
     rowwise_topk_keep_indices,
     seeded_keep_indices,
+    stream_key,
     topk_keep_indices,
 )
 
@@ -57,6 +63,27 @@ def test_mask_identical_in_another_process() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     here = seeded_keep_indices(200_000, 0.01, 42, "model.layers.0.mlp.up_proj.weight").tolist()
     assert out.strip() == str(here)
+
+
+@pytest.mark.parametrize(
+    ("numel", "density", "seed", "name"),
+    [
+        (0, 0.5, 1, "empty"),
+        (1, 1.0, 2, "one"),
+        (65_537, 0.01, 3, "a block and one"),
+        (1_000_003, 0.3, 2**40 + 7, "model.layers.3.mlp.down_proj.weight"),
+        (300_000, 1e-5, 0, "sparse"),
+    ],
+)
+def test_native_mask_is_the_torch_mask_bit_for_bit(numel: int, density: float, seed: int, name: str) -> None:
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler here to build the native kernels")
+    kernels = native.build()
+    key_a, key_b = stream_key(seed, name)
+    threshold = keep_threshold(density)
+    fast = kernels.seeded_keep(numel, key_a, key_b, threshold)
+    assert fast.dtype == torch.int64
+    assert torch.equal(fast, _seeded_keep_torch(numel, key_a, key_b, threshold, "cpu"))
 
 
 @pytest.mark.gpu

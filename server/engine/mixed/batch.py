@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from deltas_store import native
 from server.engine.mixed.kernels import (
     StackedRows,
     block_diagonal,
@@ -19,7 +20,6 @@ from server.engine.mixed.kernels import (
 )
 from server.engine.mixed.layout import MixedDelta
 from server.engine.mixed.modules import ParamUses
-from server.engine.mixed.native import SideKernel, built_side_kernel
 from server.engine.request import GenerationRequest
 
 _Hook = Callable[[nn.Module, tuple[Any, ...], torch.Tensor], None]
@@ -67,7 +67,9 @@ class MixedBatch:
         self._chunk = torch.empty(0, dtype=torch.long)  # (A,) their chunk
         self._column = torch.empty(0, dtype=torch.long)  # (A,) their column inside it
         self._device = torch.device("cpu")
-        self._native: SideKernel | None = None  # the C++ side kernel, on CPU where it could be built
+        self._native: native.NativeKernels | None = (
+            None  # the C++ side kernel, on CPU where it could be built
+        )
         self._native_args: dict[str, NativeArgs | object | None] = {}
         self._groups: dict[
             int, list[int]
@@ -91,7 +93,7 @@ class MixedBatch:
         chunking = plan_chunks(row_delta, [d.linear_nnz for d in self._slots])
         self._width, self._chunks, self._row_slot = chunking.width, chunking.chunks, list(chunking.row_slot)
         self._device = device
-        self._native = built_side_kernel() if device.type == "cpu" else None
+        self._native = native.module() if device.type == "cpu" else None
         self._row_delta = torch.tensor(row_delta, dtype=torch.long, device=device)
         self._install()
         self._refresh()

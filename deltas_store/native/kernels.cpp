@@ -1,5 +1,10 @@
-// Mixed-batch side products on CPU: out[r, t, :] += x[r, t, :] · ΔW_{slot(r)}ᵀ for every row r with a delta,
-// in one call per Linear for the whole batch (no loop over deltas in Python, no weight written).
+// deltaserve's CPU kernels (deltas_store.native builds this file once per machine):
+//
+// seeded_keep — the portable counter-based mask of deltas_store.compression.sparsify, bit for bit, on all
+// cores: element i is kept iff mix32(mix32(i ^ key_a) ^ key_b) < threshold.
+//
+// side_linear_ — mixed-batch side products: out[r, t, :] += x[r, t, :] · ΔW_{slot(r)}ᵀ for every row r with a
+// delta, in one call per Linear for the whole batch (no loop over deltas in Python, no weight written).
 //
 // Each slot's ΔW is CSR (crow (O+1,) int32, col (nnz,) int32, val (nnz,) float32). The rows of a slot are
 // packed once per call as an (I, W) float32 panel (W = rows·T), so a kept value's index and value are loaded
@@ -7,9 +12,21 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <vector>
 
 namespace {
+
+// The 32-bit xorshift-multiply hash of sparsify._mix32_ (there in int64 with explicit masking).
+inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x5BD1E995u;
+  x ^= x >> 16;
+  return x;
+}
 
 // acc[j] = Σ_k val[k] · panel[col[k] * W + j] for kept entries [begin, end) of one output row; W fixed.
 template <int W>
@@ -162,6 +179,36 @@ void side_linear_(
   });
 }
 
+torch::Tensor seeded_keep(int64_t numel, int64_t key_a, int64_t key_b, int64_t threshold) {
+  TORCH_CHECK(numel >= 0 && numel < (int64_t(1) << 32), "numel must be in [0, 2**32)");
+  TORCH_CHECK(key_a >= 0 && key_a <= 0xFFFFFFFFll && key_b >= 0 && key_b <= 0xFFFFFFFFll, "keys are 32-bit");
+  TORCH_CHECK(threshold >= 0 && threshold <= (int64_t(1) << 32), "threshold must be in [0, 2**32]");
+  constexpr int64_t kBlock = 1 << 16;
+  const int64_t blocks = (numel + kBlock - 1) / kBlock;
+  const uint32_t ka = static_cast<uint32_t>(key_a), kb = static_cast<uint32_t>(key_b);
+  const uint64_t limit = static_cast<uint64_t>(threshold);
+  std::vector<std::vector<int64_t>> kept(blocks);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t start = b * kBlock, stop = std::min(numel, start + kBlock);
+      std::vector<int64_t>& out = kept[b];
+      out.reserve(static_cast<size_t>((stop - start) * (static_cast<double>(limit) / 4294967296.0) * 1.2) + 16);
+      for (int64_t i = start; i < stop; ++i) {
+        if (static_cast<uint64_t>(mix32(mix32(static_cast<uint32_t>(i) ^ ka) ^ kb)) < limit) out.push_back(i);
+      }
+    }
+  });
+  std::vector<int64_t> offset(blocks + 1, 0);
+  for (int64_t b = 0; b < blocks; ++b) offset[b + 1] = offset[b] + static_cast<int64_t>(kept[b].size());
+  torch::Tensor result = torch::empty({offset[blocks]}, torch::kInt64);
+  int64_t* dst = result.data_ptr<int64_t>();
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) std::copy(kept[b].begin(), kept[b].end(), dst + offset[b]);
+  });
+  return result;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("side_linear_", &side_linear_, "out += x · ΔWᵀ per row's delta slot (in place)");
+  m.def("seeded_keep", &seeded_keep, "sorted int64 indices i < numel with mix32(mix32(i ^ a) ^ b) < threshold");
 }

@@ -1,0 +1,123 @@
+"""The native kernel module's loader: switched off, a missing prebuilt file, the build command, the cache key."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from deltas_store import native
+from deltas_store.compression.sparsify import seeded_keep_indices
+
+
+@pytest.fixture
+def fresh(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loader as a new process sees it."""
+    monkeypatch.setattr(native, "_module", None)
+    monkeypatch.setattr(native, "_failed", set())
+    monkeypatch.setattr(native, "_spawned", False)
+
+
+def needs_compiler() -> None:
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler here to build the native kernels")
+
+
+def test_switched_off_means_no_module_and_the_torch_mask(
+    fresh: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    needs_compiler()
+    native.build()
+    with_native = seeded_keep_indices(70_000, 0.05, 1, "w")
+    monkeypatch.setattr(native, "_module", None)
+    monkeypatch.setenv("DELTASERVE_NATIVE", "0")
+    assert native.module() is None
+    with pytest.raises(native.NativeBuildError, match="DELTASERVE_NATIVE=0"):
+        native.build()
+    native.build_in_background()
+    assert not native._spawned  # nothing started
+    assert torch.equal(seeded_keep_indices(70_000, 0.05, 1, "w"), with_native)
+
+
+def test_a_missing_or_broken_prebuilt_file_is_reported_once_and_torch_ops_run(
+    fresh: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("DELTASERVE_NATIVE_LIB", str(tmp_path / "missing.so"))
+    with caplog.at_level(logging.WARNING, logger=native.__name__):
+        assert native.module() is None
+        assert native.module() is None
+    assert sum("does not exist" in r.message for r in caplog.records) == 1
+    broken = tmp_path / "broken.so"
+    broken.write_bytes(b"not an ELF file")
+    monkeypatch.setenv("DELTASERVE_NATIVE_LIB", str(broken))
+    with caplog.at_level(logging.WARNING, logger=native.__name__):
+        assert native.module() is None
+    assert any("do not load" in r.message for r in caplog.records)
+    assert seeded_keep_indices(1000, 1.0, 0, "w").numel() == 1000  # the torch path still serves
+
+
+def test_the_build_command_copies_a_module_that_loads_without_a_compiler(
+    fresh: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    needs_compiler()
+    native.build()  # cached: the command below finds it instead of compiling again
+    target = tmp_path / "kernels.so"
+    done = subprocess.run(
+        [sys.executable, "-m", "deltas_store.native", "--quiet", "--copy-to", str(target)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""
+    # A process with no compiler on PATH loads the copy (what the CPU Docker image does).
+    env = {
+        "PATH": str(Path(sys.executable).parent),
+        "DELTASERVE_NATIVE_LIB": str(target),
+        "HOME": str(tmp_path),
+    }
+    code = (
+        "from deltas_store import native; from deltas_store.compression.sparsify import seeded_keep_indices;"
+        "assert native.module() is not None; print(seeded_keep_indices(100000, 0.01, 3, 'w').sum().item())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) == int(seeded_keep_indices(100_000, 0.01, 3, "w").sum())
+
+
+def test_the_cache_key_follows_the_source(
+    fresh: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("DELTASERVE_CACHE_DIR", str(tmp_path))
+    first = native.cached_path()
+    assert first.parent == tmp_path / "native"
+    edited = tmp_path / "kernels.cpp"
+    edited.write_text(native.SOURCE.read_text() + "\n// edited\n")
+    monkeypatch.setattr(native, "SOURCE", edited)
+    assert native.cached_path() != first  # an edited kernel is never confused with an old build
+    assert native.module() is None  # and nothing is built for it yet
+
+
+def test_a_background_build_already_running_is_not_started_twice(
+    fresh: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("DELTASERVE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "module", lambda: None)
+    marker = native.cached_path().with_suffix(".building")
+    marker.parent.mkdir(parents=True)
+    marker.write_text("12345")  # a live build of another process
+    started: list[object] = []
+    monkeypatch.setattr(native.subprocess, "Popen", lambda *a, **k: started.append(a))
+    native.build_in_background()
+    assert started == []
+    monkeypatch.setattr(native, "_spawned", False)
+    old = marker.stat().st_mtime - native._STALE_BUILD_S - 1
+    os.utime(marker, (old, old))  # that build died long ago
+    native.build_in_background()
+    assert len(started) == 1
+    native.build_in_background()
+    assert len(started) == 1  # once per process
