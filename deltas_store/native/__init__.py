@@ -1,5 +1,5 @@
-"""deltaserve's optional C++ kernels (kernels.cpp): the seeded-mask generator and the mixed-batch side
-product, compiled once per machine with torch's extension builder and cached as one module file.
+"""deltaserve's optional C++ kernels (kernels.cpp): the seeded-mask generator, the mixed-batch side
+product and the swap's scatter, compiled once per machine with torch's extension builder and cached as one module file.
 
 Every caller keeps a torch-ops path that computes the same thing (masks bit for bit, side products to float
 rounding), used wherever the module is not built: no C++ compiler, a GPU tensor, or DELTASERVE_NATIVE=0.
@@ -64,6 +64,8 @@ class NativeKernels(Protocol):
     ) -> None: ...
 
     def seeded_keep(self, numel: int, key_a: int, key_b: int, threshold: int) -> torch.Tensor: ...
+
+    def assign_(self, dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> None: ...
 
 
 def enabled() -> bool:

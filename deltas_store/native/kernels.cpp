@@ -208,7 +208,43 @@ torch::Tensor seeded_keep(int64_t numel, int64_t key_a, int64_t key_b, int64_t t
   return result;
 }
 
+namespace {
+
+template <typename bits_t>
+void assign_kernel(bits_t* dst, const int64_t* index, const bits_t* src, int64_t n) {
+  constexpr int64_t kAhead = 16;  // prefetch the weight line a few writes ahead: the writes are random
+  at::parallel_for(0, n, 1 << 15, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      if (k + kAhead < k1) __builtin_prefetch(dst + index[k + kAhead], 1, 0);
+      dst[index[k]] = src[k];
+    }
+  });
+}
+
+}  // namespace
+
+// dst.flat[index[k]] = src[k], bit for bit (raw element copies of 2, 4 or 8 bytes); indices are the caller's
+// invariant (a prepared delta's, bounds-checked when it was read) and only their range is checked here.
+void assign_(torch::Tensor dst, torch::Tensor index, torch::Tensor src) {
+  TORCH_CHECK(dst.device().is_cpu() && index.device().is_cpu() && src.device().is_cpu(), "CPU tensors only");
+  TORCH_CHECK(dst.is_contiguous() && index.is_contiguous() && src.is_contiguous(), "contiguous tensors only");
+  TORCH_CHECK(index.scalar_type() == torch::kInt64 && index.dim() == 1, "index must be 1-D int64");
+  TORCH_CHECK(src.dim() == 1 && src.numel() == index.numel(), "one value per index");
+  TORCH_CHECK(dst.element_size() == src.element_size(), "dst and src must have the same element size");
+  const int64_t n = index.numel();
+  if (n == 0) return;
+  const int64_t* idx = index.data_ptr<int64_t>();
+  TORCH_CHECK(idx[0] >= 0 && idx[n - 1] < dst.numel(), "index out of range (indices must be sorted)");
+  switch (dst.element_size()) {
+    case 2: assign_kernel(static_cast<int16_t*>(dst.data_ptr()), idx, static_cast<const int16_t*>(src.data_ptr()), n); break;
+    case 4: assign_kernel(static_cast<int32_t*>(dst.data_ptr()), idx, static_cast<const int32_t*>(src.data_ptr()), n); break;
+    case 8: assign_kernel(static_cast<int64_t*>(dst.data_ptr()), idx, static_cast<const int64_t*>(src.data_ptr()), n); break;
+    default: TORCH_CHECK(false, "element size must be 2, 4 or 8 bytes");
+  }
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("assign_", &assign_, "dst.flat[index] = src, bit for bit (sorted int64 index)");
   m.def("side_linear_", &side_linear_, "out += x · ΔWᵀ per row's delta slot (in place)");
   m.def("seeded_keep", &seeded_keep, "sorted int64 indices i < numel with mix32(mix32(i ^ a) ^ b) < threshold");
 }

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import torch
 
-from deltas_store import PreparedDelta
+from deltas_store import PreparedDelta, native
 from server.engine.packing import FlatWeights
 
 # The same-width integer dtype of each float dtype: moving bits through it is exact, and on CPU the
@@ -133,5 +133,22 @@ class IndexPut:
         buffer.index_put_((index,), values)
 
 
-WRITE_KERNELS: dict[str, WriteKernel] = {k.name: k for k in (ScatterBits(), IndexCopy(), IndexPut())}
-DEFAULT_KERNEL = "scatter"  # fastest exact write on CPU in bench/swap.py (fp32, bf16, fp16)
+@dataclass(frozen=True)
+class NativeAssign:
+    """deltas_store.native's assign_ on CPU (a raw copy loop that prefetches the weight lines it writes);
+    scatter_ on other devices, or where the native kernels are not built."""
+
+    name: str = "native"
+
+    def write_(self, buffer: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
+        kernels = native.module() if buffer.device.type == "cpu" else None
+        if kernels is None or index.dtype != torch.int64:
+            ScatterBits().write_(buffer, index, values)
+        else:
+            kernels.assign_(buffer, index, values)
+
+
+WRITE_KERNELS: dict[str, WriteKernel] = {
+    k.name: k for k in (ScatterBits(), IndexCopy(), IndexPut(), NativeAssign())
+}
+DEFAULT_KERNEL = "native"  # fastest exact write on CPU in bench/swap.py; scatter (the fallback) elsewhere

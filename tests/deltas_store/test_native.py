@@ -121,3 +121,37 @@ def test_a_background_build_already_running_is_not_started_twice(
     assert len(started) == 1
     native.build_in_background()
     assert len(started) == 1  # once per process
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_assign_writes_raw_bits_at_sorted_positions_and_nothing_else(dtype: torch.dtype) -> None:
+    needs_compiler()
+    kernels = native.build()
+    gen = torch.Generator().manual_seed(0)
+    dst = torch.randn(100_003, generator=gen).to(dtype)
+    index = torch.sort(torch.randperm(100_003, generator=gen)[:40_000]).values
+    src = torch.randn(40_000, generator=gen).to(dtype)
+    width = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dst.element_size()]
+    src.view(width)[:3] = torch.tensor(
+        [-1, 0x7FF0 if width is torch.int16 else -2, 1], dtype=width
+    )  # NaN bits
+    expected = dst.clone()
+    expected.view(width).scatter_(0, index, src.view(width))
+    kernels.assign_(dst, index, src)
+    assert torch.equal(dst.view(width), expected.view(width))  # bit for bit, NaN payloads included
+
+
+def test_assign_refuses_out_of_range_or_mismatched_arguments_and_writes_nothing() -> None:
+    needs_compiler()
+    kernels = native.build()
+    dst = torch.zeros(10)
+    cases = {
+        "out of range": (torch.tensor([2, 10]), torch.ones(2)),
+        "one value per index": (torch.tensor([1, 2]), torch.ones(3)),
+        "int64": (torch.tensor([1, 2], dtype=torch.int32), torch.ones(2)),
+        "same element size": (torch.tensor([1, 2]), torch.ones(2, dtype=torch.float16)),
+    }
+    for message, (index, src) in cases.items():
+        with pytest.raises(RuntimeError, match=message):
+            kernels.assign_(dst, index, src)
+    assert not dst.any()
