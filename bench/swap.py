@@ -252,7 +252,7 @@ def compare_kernels(
     }
     for name in WRITE_KERNELS:
         variants[f"precomputed {name} int64"] = precomputed(name, fd.index)
-    variants[f"precomputed {DEFAULT_KERNEL} int32"] = precomputed(DEFAULT_KERNEL, fd.index.int())
+    variants["precomputed scatter int32"] = precomputed("scatter", fd.index.int())
     results: dict[str, dict[str, Any]] = {}
     for name, run in variants.items():
         undo = run()
