@@ -175,14 +175,18 @@ def _inspect_run(args: argparse.Namespace) -> int:
         print(json.dumps({"summary": summary, "manifest": manifest.model_dump(mode="json")}, indent=2))
         return 0
     for key, value in summary.items():
-        print(f"{key:>22}: {value}")
+        if value is not None or key != "q_per_tensor":
+            print(f"{key:>22}: {value}")
     print(f"{'base fingerprint':>22}: {manifest.base.fingerprint}")
     print(f"{'tensors':>22}:")
     for name, e in sorted(manifest.params.items()):
         numel = 1
         for d in e.shape:
             numel *= d
-        print(f"    {name:<60} {e.kind:<6} {e.encoding:<12} {e.nnz:>10,}/{numel:<10,} {e.nnz / numel:7.2%}")
+        q = f" q={1.0 / e.scale:.4g}" if e.scale and manifest.q is None and e.scale != 1.0 else ""
+        print(
+            f"    {name:<60} {e.kind:<6} {e.encoding:<12} {e.nnz:>10,}/{numel:<10,} {e.nnz / numel:7.2%}{q}"
+        )
     return 0
 
 

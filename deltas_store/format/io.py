@@ -233,12 +233,15 @@ def manifest_summary(manifest: Manifest, file_size: int) -> dict[str, object]:
     """A small JSON-able summary (inspect, the store index, the REST API)."""
     total = sum(_numel(e.shape) for e in manifest.params.values())
     kept = sum(e.nnz for e in manifest.params.values())
+    qs = sorted({1.0 / e.scale for e in manifest.params.values() if e.scale}) if manifest.q is None else []
     return {
         "name": manifest.name,
         "base_id": manifest.base.id,
         "method": manifest.method,
         "drop_rate": manifest.drop_rate,
         "q": manifest.q,
+        # per-layer q (Algorithm 3): no single q, one per tensor; their range
+        "q_per_tensor": f"{qs[0]:.4g}..{qs[-1]:.4g}" if len(qs) > 1 else None,
         "seed": manifest.seed,
         "value_dtype": manifest.value_dtype,
         "params": len(manifest.params),

@@ -10,6 +10,7 @@ import torch
 
 from deltas_store.compression.perlayer import RowSums, layer_q, per_tensor_q, phi, row_q
 from deltas_store.compression.pipeline import CompressOptions, compress
+from deltas_store.format.io import manifest_summary
 
 
 def _sequential_scan(s1: torch.Tensor, s2: torch.Tensor, p: float, eta: float) -> torch.Tensor:
@@ -90,6 +91,10 @@ def test_per_layer_compress_records_q_per_tensor(
     layer = "bert.encoder.layer.0.attention.self.query"
     assert scales[f"{layer}.weight"] == pytest.approx(1 / details["layer_q"][layer])
     assert scales[f"{layer}.weight"] == scales[f"{layer}.bias"]
+    summary = manifest_summary(m, r.file_bytes)
+    low, high = (float(v) for v in str(summary["q_per_tensor"]).split(".."))
+    assert summary["q"] is None and low == pytest.approx(min(1 / s for s in scales.values()), rel=1e-3)
+    assert high == pytest.approx(max(1 / s for s in scales.values()), rel=1e-3)
 
 
 def test_best_q_mode_compares_global_and_per_layer(
