@@ -52,6 +52,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
             runtime = app.state.runtime
             if runtime is not None:
                 await asyncio.to_thread(runtime.scheduler.stop, settings.drain_timeout_s)
+                runtime.scheduler.loader.close()  # background reads still queued are dropped
 
     app = FastAPI(
         title="deltaserve",

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 
-from deltas_store import Delta, PreparedDelta, check_base, prepare_delta, read_delta
+from deltas_store import Delta, DeltaStoreError, PreparedDelta, check_base, prepare_delta, read_delta
 from server.engine.mixed.modules import ParamUses
 from server.engine.packing import FlatWeights
+from server.errors import ServerError
 from server.routing.cache import CacheKey, DeltaCache
 from server.routing.flat import BaseValues
 from server.routing.registry import Registry
 from server.routing.served import ServedDelta, serve_delta
+
+log = logging.getLogger(__name__)
 
 
 class DeltaLoader:
@@ -20,8 +27,10 @@ class DeltaLoader:
 
     With `flat` weights and `base_values` (the swap manager's reader of the pristine base), deltas are
     laid out for one-scatter swaps; `uses` (set when mixed batches are on) adds each delta's mixed layout;
-    `full_base` (the naive full-copy baseline only) adds its whole fine-tuned weight set. Worker thread
-    only: laying out reads the resident weights.
+    `full_base` (the naive full-copy baseline only) adds its whole fine-tuned weight set. `load` is for the
+    worker thread only (laying out reads the resident weights); `ready` may start reading a delta that is
+    only on disk on a background thread (read, verify, prepare: no weight is read), so the scheduler can
+    serve other models meanwhile instead of stalling every request behind one cold load.
     """
 
     def __init__(
@@ -44,6 +53,45 @@ class DeltaLoader:
         self.base_values = base_values
         self.uses = uses
         self.full_base = full_base
+        self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="deltaserve-prefetch")
+        self._inflight: dict[CacheKey, Future[PreparedDelta]] = {}
+        self._lock = threading.Lock()
+
+    def ready(self, model: str, on_ready: Callable[[], None]) -> bool:
+        """Whether `model` can be served now without reading its file on the worker thread.
+
+        If not, starts reading it in the background (once) and calls `on_ready` (from that thread) when
+        done, whether it worked or not. A model that cannot be resolved is ready: `load` raises its error.
+        """
+        try:
+            ref = self.registry.resolve(model, include_retiring=True)
+        except (ServerError, DeltaStoreError, OSError):
+            return True
+        key = ref.key
+        if ref.stored is None or key is None or self.cache.get(key) is not None:
+            return True
+        with self._lock:
+            future = self._inflight.get(key)
+            if future is not None:
+                return (
+                    future.done()
+                )  # done but not cached (over budget, or failed): `load` takes it from here
+            future = self._prefetcher.submit(self._read, key, ref.stored.path)
+            self._inflight[key] = future
+        future.add_done_callback(lambda _f: on_ready())
+        return future.done()  # it may already be (then the callback ran here)
+
+    def _read(self, key: CacheKey, path: Path) -> PreparedDelta:
+        try:
+            prepared = self.prepare(read_delta(path))
+        except Exception as exc:
+            log.warning("cannot load %s v%d: %s", key[0], key[1], exc)
+            raise
+        self.cache.put(key, prepared)
+        return prepared
+
+    def close(self) -> None:
+        self._prefetcher.shutdown(wait=False, cancel_futures=True)
 
     def load(self, model: str) -> tuple[CacheKey | None, ServedDelta | None]:
         """(key, served) for `model`, or (None, None) for the base. Raises the store's typed errors."""
@@ -54,6 +102,10 @@ class DeltaLoader:
         cached = self.cache.get(key)
         if isinstance(cached, ServedDelta):
             return key, cached
+        with self._lock:
+            future = self._inflight.pop(key, None)
+        if cached is None and future is not None and future.done() and future.exception() is None:
+            cached = future.result()  # read in the background but too large to cache
         served = self.serve(cached if cached is not None else self.prepare(read_delta(ref.stored.path)))
         self.cache.put(key, served)
         return key, served

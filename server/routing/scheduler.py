@@ -95,6 +95,8 @@ class Scheduler:
                 self.metrics.queue_depth.labels(request.model).set(len(self._queues[request.model]))
             self._queued += len(requests)
             self._cond.notify_all()
+        for model in dict.fromkeys(r.model for r in requests):
+            self.loader.ready(model, self._wake)  # a delta only on disk starts loading now, off the worker
 
     def call(self, fn: Callable[[], T]) -> Future[T]:
         """Run `fn` on the worker thread between batches (it may touch the weights)."""
@@ -148,7 +150,11 @@ class Scheduler:
                     control: _Control | None = self._control.popleft()
                 elif self._queued:
                     control = None
-                    mixed, model, batch = self._plan()
+                    plan = self._plan()
+                    if plan is None:  # every queued model is still being read from disk
+                        self._cond.wait()  # a finished read (or a new request) wakes us
+                        continue
+                    mixed, model, batch = plan
                     self._running, self._running_models = batch, {r.model for r in batch}
                 else:
                     return  # stopping, and everything is drained
@@ -165,19 +171,27 @@ class Scheduler:
                     self._running, self._running_models = [], set()
                     self._cond.notify_all()
 
-    def _plan(self) -> tuple[bool, str, list[GenerationRequest]]:
-        """(mixed?, the merged batch's model, the batch); called with the lock held."""
-        picked = self._pick()
-        queued = {m: len(q) for m, q in self._queues.items() if q and m not in self._unmixable}
-        oldest = min(q[0].enqueued_at for q in self._queues.values() if q)
+    def _plan(self) -> tuple[bool, str, list[GenerationRequest]] | None:
+        """(mixed?, the merged batch's model, the batch), or None while every queued model is still being
+        read in the background; called with the lock held. Models only on disk wait for their read."""
+        ready = [m for m, q in self._queues.items() if q and self.loader.ready(m, self._wake)]
+        if not ready:
+            return None
+        picked = self._pick(ready)
+        queued = {m: len(self._queues[m]) for m in ready if m not in self._unmixable}
+        oldest = min(self._queues[m][0].enqueued_at for m in ready)
         overdue = time.monotonic() - oldest >= self.max_wait_s
         model = self.policy.merged_model(picked, queued, self.max_batch_size, overdue)
         if model is None:
             return True, picked, self._take_oldest(list(queued))
         return False, model, self._take(model)
 
-    def _pick(self) -> str:
-        heads = {model: q[0].enqueued_at for model, q in self._queues.items() if q}
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _pick(self, ready: list[str]) -> str:
+        heads = {model: self._queues[model][0].enqueued_at for model in ready}
         oldest = min(heads, key=heads.__getitem__)
         if self._current in heads and time.monotonic() - heads[oldest] < self.max_wait_s:
             return self._current

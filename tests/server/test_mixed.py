@@ -45,6 +45,12 @@ def held_batch(server: LiveServer, jobs: list[tuple[str, str]]) -> list[str]:
         deadline = time.monotonic() + 30
         while scheduler.queued() < len(jobs) and time.monotonic() < deadline:
             time.sleep(0.01)
+        # Deltas only on disk are read in the background and their requests wait for it: let every read
+        # finish first, so the batches hold every job as the test means them to.
+        while (
+            not all(scheduler.loader.ready(m, lambda: None) for m, _ in jobs) and time.monotonic() < deadline
+        ):
+            time.sleep(0.01)
         gate.set()
         blocked.result(10)
         return [f.result(60) for f in futures]
