@@ -510,6 +510,8 @@ def write_report(results: list[dict[str, Any]], meta: dict[str, Any], out: Path)
         previous = out.with_suffix(".json")
         if previous.is_file():
             old = json.loads(previous.read_text())
+            previous_of = {_entry_key(e): e for e in old["results"]}
+            results = [_merge_runs(previous_of.get(_entry_key(e)), e) for e in results]
             rerun = {_entry_key(e) for e in results}
             kept = [e for e in old["results"] if _entry_key(e) not in rerun]
             order = [_entry_key(e) for e in old["results"]]
@@ -527,6 +529,15 @@ def write_report(results: list[dict[str, Any]], meta: dict[str, Any], out: Path)
         _write_markdown(results, meta, out)
     finally:
         os.close(lock)  # releases the lock
+
+
+def _merge_runs(previous: dict[str, Any] | None, entry: dict[str, Any]) -> dict[str, Any]:
+    """`entry` with the runs of an earlier report of the same fine-tune it did not redo (same p, method)."""
+    if previous is None or previous.get("finetuned_accuracy") != entry.get("finetuned_accuracy"):
+        return entry  # a different fine-tune under the same name: nothing earlier applies
+    redone = {(r["p"], r["variant"]) for r in entry["runs"]}
+    earlier = [r for r in previous["runs"] if (r["p"], r["variant"]) not in redone]
+    return {**entry, "runs": earlier + entry["runs"]}
 
 
 def _run_meta(meta: dict[str, Any]) -> dict[str, Any]:
@@ -586,6 +597,9 @@ def main() -> int:
         "so the two suites can run as separate processes",
     )
     parser.add_argument(
+        "--variants", help="comma-separated variants to run (default: all); other rows of the report are kept"
+    )
+    parser.add_argument(
         "--finetunes", help="comma-separated fine-tune names to run (default: all of the suite's)"
     )
     parser.add_argument(
@@ -593,6 +607,17 @@ def main() -> int:
     )
     args = parser.parse_args()
     plan = QUICK if args.quick else FULL
+    if args.variants:
+        chosen = tuple(args.variants.split(","))
+        unknown = set(chosen) - set(VARIANTS)
+        if unknown:
+            parser.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+        plan = replace(
+            plan,
+            encoder_variants=tuple(v for v in plan.encoder_variants if v in chosen),
+            adamr_variants=tuple(v for v in plan.adamr_variants if v in chosen),
+            decoder_variants=tuple(v for v in plan.decoder_variants if v in chosen),
+        )
     if args.finetunes:
         wanted = set(args.finetunes.split(","))
         plan = replace(

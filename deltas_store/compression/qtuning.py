@@ -17,7 +17,9 @@ import torch
 from deltas_store.compression import perlayer
 from deltas_store.compression.qsearch import Goal, QSearchResult, grid_search, robust_mean, search_q
 
-ETA_LOG10_RANGE = (-3.0, 2.0)  # η from 1e-3 to 1e2 (the paper's BERT values, 0.27–1.01, lie inside)
+# η from 1e-3 to 1e4. The paper's BERT values (0.27–1.01) lie inside; a gentle fine-tune's c = δ·x̄ sums are
+# orders of magnitude smaller, and η only matters once η·Σc nears ln(2/0.05), so the range reaches far up.
+ETA_LOG10_RANGE = (-3.0, 4.0)
 ETA_LOG10_STEP = 0.25
 
 
@@ -136,7 +138,12 @@ def search_eta(
         result = QSearchResult(log_eta, fixed, ((log_eta, fixed),))
     else:
         low, high = ETA_LOG10_RANGE
-        result = grid_search(score, low, high, coarse_step=ETA_LOG10_STEP, goal=objective.goal, key=config)
+        # The whole coarse range: small η give near-identical scores (flat, not worse), and stopping after a
+        # few of them would never reach the η where the per-layer q's start to differ.
+        patience = math.ceil((high - low) / ETA_LOG10_STEP) + 1
+        result = grid_search(
+            score, low, high, coarse_step=ETA_LOG10_STEP, goal=objective.goal, key=config, patience=patience
+        )
     best = qs(result.q)
     layer_q = {layer: best[ts[0]] for layer, ts in tensors_of.items() if ts and ts[0] in best}
     grid = tuple((round(10.0**x, 6), s) for x, s in result.grid)

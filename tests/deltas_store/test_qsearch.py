@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from deltas_store.compression.qsearch import search_q
+from deltas_store.compression.qsearch import grid_search, search_q
 
 
 @pytest.mark.parametrize("optimum", [0.013, 0.3, 0.62, 1.0])
@@ -30,3 +30,14 @@ def test_coarse_pass_stops_after_patience() -> None:
 
     search_q(score, density=0.01, patience=4)
     assert max(calls) < 0.5  # 4 non-improvements past ~0.21, not the whole way to 1.0
+
+
+def test_a_flat_start_stops_an_impatient_search_but_not_a_full_pass() -> None:
+    # The shape the per-layer η search meets: small η all give (nearly) the same score, the optimum lies far up.
+    def score(x: float) -> float:
+        return 1.0 if x < 2.0 else (x - 3.0) ** 2 / 10.0
+
+    impatient = grid_search(score, -3.0, 4.0, coarse_step=0.25, patience=4)
+    assert impatient.q < 2.0  # stuck on the plateau
+    full = grid_search(score, -3.0, 4.0, coarse_step=0.25, patience=29)
+    assert full.q == pytest.approx(3.0, abs=0.03)
