@@ -15,19 +15,21 @@ BatchMode = Literal["auto", "merged", "mixed"]
 class BatchPolicy:
     """`merged`: batches of one model (a swap per switch). `mixed`: every mixable delta shares batches.
 
-    `auto` mixes only when no model dominates the queue: merged costs nothing per step once patched in,
-    mixed costs a side product per row that grows with the delta's density, but keeps batches full when
-    requests spread over many deltas (16 deltas at 32 concurrent requests leave ~2 per merged batch).
+    `auto` serves a model merged only when its queue alone fills a whole batch: merged costs nothing per
+    step once patched in, but a batch of one model leaves every other model's requests for later batches,
+    while mixed costs a side product per row (growing with the delta's density) and serves them all in
+    one pass. Measured on SmolLM2 (bench/results/serve-smollm2.md): with the C++ side kernel, merging a
+    model that fills half a batch lost to mixing the queue.
 
     Example:
-        >>> BatchPolicy("auto").merged_model("a", {"a": 1, "b": 1, "c": 2}, max_batch=8, overdue=False) is None
+        >>> BatchPolicy("auto").merged_model("a", {"a": 6, "b": 1}, max_batch=8, overdue=False) is None
         True
-        >>> BatchPolicy("auto").merged_model("b", {"a": 6, "b": 1}, max_batch=8, overdue=False)
+        >>> BatchPolicy("auto").merged_model("b", {"a": 8, "b": 1}, max_batch=8, overdue=False)
         'a'
     """
 
     mode: BatchMode = "auto"
-    dominance: float = 0.5  # auto: merged when one model fills this share of the next batch
+    dominance: float = 1.0  # auto: merged when one model's queue fills this share of a whole batch
     max_density: float = 0.05  # auto: deltas denser than this are served merged (side products too slow)
 
     def merged_model(
@@ -46,7 +48,7 @@ class BatchPolicy:
         if len(queued) == 1:
             return picked  # nothing to mix with
         dominant = max(queued, key=lambda m: (queued[m], m == picked))
-        share = queued[dominant] / min(sum(queued.values()), max_batch)
+        share = queued[dominant] / max_batch
         if share >= self.dominance and (dominant == picked or not overdue):
             return dominant
         return None

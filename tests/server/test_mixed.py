@@ -209,10 +209,10 @@ def test_auto_mode_serves_a_dominant_model_merged(
 ) -> None:  # fmt: skip
     store = seeded_store(tmp_path / "store", delta_files)
     server = make_server(store, batch_mode="auto", mixed_max_density=1.0, max_wait_ms=60_000)
-    jobs = [("ft-0", PROMPTS[0])] + [("ft-1", PROMPTS[i % 4]) for i in range(6)]
+    jobs = [("ft-0", PROMPTS[0])] + [("ft-1", PROMPTS[i % 4]) for i in range(8)]
     texts = held_batch(server, jobs)
     assert texts == [references[m][PROMPTS.index(p)] for m, p in jobs]
-    # ft-1 fills 6/7 of the queue: merged first (patched in), then ft-0 alone, merged too.
+    # ft-1 fills a whole batch (8): merged first (patched in), then ft-0 alone, merged too.
     assert mixed_batches(server) == 0 and server.runtime.metrics.swaps._value.get() >= 2
 
 

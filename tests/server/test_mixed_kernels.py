@@ -234,5 +234,8 @@ def test_policy_merges_a_dominant_or_lonely_model_and_mixes_a_spread_queue() -> 
     assert choose("a", {"a": 3}) == "a"  # one model: nothing to mix
     assert choose("x", {"a": 1, "b": 1}) == "x"  # the picked model cannot mix
     assert choose("a", {"a": 4, "b": 30}) == "b"  # b alone fills the next batch
+    default = BatchPolicy("auto")  # merged only when one model fills a whole batch
+    assert default.merged_model("a", {"a": 6, "b": 1}, max_batch=8, overdue=False) is None
+    assert default.merged_model("b", {"a": 8, "b": 1}, max_batch=8, overdue=False) == "a"
     assert BatchPolicy("mixed").merged_model("a", {"a": 9}, max_batch=8, overdue=False) is None
     assert BatchPolicy("merged").merged_model("a", {"a": 1, "b": 1}, max_batch=8, overdue=False) == "a"
