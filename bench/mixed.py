@@ -4,12 +4,15 @@ For SmolLM2-135M's Linear shapes (one decoder layer: q, k, v, o, gate, up, down)
 a mix, random DARE masks at drop rate p, decode (T=1) and prefill (T=16) inputs. Interleaved medians of:
 
   * base          — the dense GEMM x·Wᵀ itself (what the side product is added to);
-  * server        — `server.engine.mixed.kernels`: rows grouped per delta in chunks of the width the
-                    server's cost model picks, one block-diagonal CSR `torch.sparse.mm`;
+  * torch-ops     — `server.engine.mixed.kernels` (the server's path on GPUs, or on a CPU without the C++
+                    kernels): rows grouped per delta in chunks of the width its cost model picks, one
+                    block-diagonal CSR `torch.sparse.mm`;
   * width=1 / max — the same with one row per chunk / one chunk per delta;
   * loop          — one `torch.sparse.mm` per delta (the Python loop the server avoids);
   * bmm           — `torch.bmm` of a 3-D sparse COO over deltas, rows padded to the largest group;
-  * gather        — index_select of x by column, multiply, index_add_ by row (COO, padded groups).
+  * gather        — index_select of x by column, multiply, index_add_ by row (COO, padded groups);
+  * native        — deltas_store.native's C++ side_linear_ (what the server runs on CPU once it is built):
+                    one call per Linear, each delta's kept values loaded once for all of its rows.
 
     python bench/mixed.py --quick --threads 1     # decode only, two mixes, under a minute
 """
@@ -32,9 +35,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from deltas_store import native  # noqa: E402
 from server.engine.mixed.kernels import Chunking, block_diagonal, grouped_side, plan_chunks  # noqa: E402
 from server.engine.mixed.layout import SparseRows, _csr  # noqa: E402
-from server.engine.mixed.native import side_kernel  # noqa: E402
 
 SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]  # (out, in)
 
@@ -107,10 +110,10 @@ def side_kernels(
         y = y.view(len(used), shape[0], most * x.shape[1]).transpose(1, 2).reshape(-1, x.shape[1], shape[0])
         return y[slot]
 
-    kernels = {"server": chunked(None), "width=1": chunked(1), "width=max": chunked(most), "loop": loop,
+    kernels = {"torch-ops": chunked(None), "width=1": chunked(1), "width=max": chunked(most), "loop": loop,
                "bmm": bmm, "gather": gather}  # fmt: skip
-    native = side_kernel()
-    if native is not None:
+    kernels_native = native.module()
+    if kernels_native is not None:
         slot_rows = torch.tensor([b for d in used for b in groups[d]])
         slot_ptr = torch.tensor([0, *itertools.accumulate(len(groups[d]) for d in used)])
         csr = [deltas[d][0] for d in used]
@@ -118,7 +121,7 @@ def side_kernels(
         out = x.new_zeros(x.shape[0], x.shape[1], shape[0])
 
         def run_native() -> torch.Tensor:
-            native.side_linear_(out, x, crows, cols, vals, slot_ptr, slot_rows)
+            kernels_native.side_linear_(out, x, crows, cols, vals, slot_ptr, slot_rows)
             return out
 
         kernels["native"] = run_native
@@ -208,7 +211,7 @@ def main() -> int:
         f"{torch.get_num_threads()} threads)",
         "",
         "Milliseconds per layer (median of interleaved reps). `base` is the dense GEMM the side product is added",
-        "to; `server` is what the server runs (block-diagonal CSR, chunk width from its cost model).",
+        "to; `native` is what the server runs on CPU (deltas_store.native), `torch-ops` its fallback (and GPU path).",
         "",
         "| p | mix | distinct deltas | T | " + " | ".join(n[:-3] for n in names) + " |",
         "|---:|---|---:|---:|" + "---:|" * len(names),
