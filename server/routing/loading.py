@@ -72,10 +72,8 @@ class DeltaLoader:
             return True
         with self._lock:
             future = self._inflight.get(key)
-            if future is not None:
-                return (
-                    future.done()
-                )  # done but not cached (over budget, or failed): `load` takes it from here
+            if future is not None:  # done but not cached (over budget, or failed): `load` takes it from here
+                return future.done()
             future = self._prefetcher.submit(self._read, key, ref.stored.path)
             self._inflight[key] = future
         future.add_done_callback(lambda _f: on_ready())
@@ -87,7 +85,9 @@ class DeltaLoader:
         except Exception as exc:
             log.warning("cannot load %s v%d: %s", key[0], key[1], exc)
             raise
-        self.cache.put(key, prepared)
+        if self.cache.put(key, prepared):
+            with self._lock:  # served from the cache from now on: the future need not hold it too
+                self._inflight.pop(key, None)
         return prepared
 
     def close(self) -> None:

@@ -67,13 +67,9 @@ class MixedBatch:
         self._chunk = torch.empty(0, dtype=torch.long)  # (A,) their chunk
         self._column = torch.empty(0, dtype=torch.long)  # (A,) their column inside it
         self._device = torch.device("cpu")
-        self._native: native.NativeKernels | None = (
-            None  # the C++ side kernel, on CPU where it could be built
-        )
-        self._native_args: dict[str, NativeArgs | object | None] = {}
-        self._groups: dict[
-            int, list[int]
-        ] = {}  # slot -> its rows in the batch  # Linear weight -> its call's arguments
+        self._native: native.NativeKernels | None = None  # the C++ kernels, on CPU where they are built
+        self._native_args: dict[str, NativeArgs | object | None] = {}  # Linear weight -> its call's arguments
+        self._groups: dict[int, list[int]] = {}  # slot -> its rows in the batch
 
     # --- the engine's row hooks ---
 
