@@ -599,6 +599,7 @@ def main() -> int:
     parser.add_argument(
         "--variants", help="comma-separated variants to run (default: all); other rows of the report are kept"
     )
+    parser.add_argument("--ps", help="comma-separated drop rates to run (default: the plan's)")
     parser.add_argument(
         "--finetunes", help="comma-separated fine-tune names to run (default: all of the suite's)"
     )
@@ -618,6 +619,9 @@ def main() -> int:
             adamr_variants=tuple(v for v in plan.adamr_variants if v in chosen),
             decoder_variants=tuple(v for v in plan.decoder_variants if v in chosen),
         )
+    if args.ps:
+        ps = tuple(float(p) for p in args.ps.split(","))
+        plan = replace(plan, encoder_ps=ps, decoder_ps=ps)
     if args.finetunes:
         wanted = set(args.finetunes.split(","))
         plan = replace(
