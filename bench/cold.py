@@ -18,7 +18,6 @@ Files were just written, so both sides read them from the OS page cache (the fai
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -33,6 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.results_io import write_results  # noqa: E402
 from bench.serve import BASE_ID, base_model  # noqa: E402
 from deltas_store import CompressOptions, DeltaStore, apply_to_dir, compress, read_delta  # noqa: E402
 from server.engine.request import Finished, GenerationRequest, SamplingParams  # noqa: E402
@@ -186,10 +186,7 @@ def main() -> int:
     meta = {"model": kind, "drop_rate": args.drop_rate, "cold_deltas": n, "threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version()}  # fmt: skip
     out = args.out or ROOT / "bench" / "results" / ("cold-quick" if args.quick else "cold")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "result": result}, indent=2) + "\n")
-    out.with_suffix(".md").write_text(render(meta, result))
-    print(render(meta, result))
+    write_results(out, {"meta": meta, "result": result}, render(meta, result))
     return 0
 
 

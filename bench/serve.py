@@ -41,6 +41,7 @@ import uvicorn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.results_io import write_results  # noqa: E402
 from deltas_store import CompressOptions, DeltaStore, compress  # noqa: E402
 from server.app import create_app  # noqa: E402
 from server.settings import ServerSettings  # noqa: E402
@@ -311,10 +312,7 @@ def main() -> int:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }  # fmt: skip
     out = args.out or ROOT / "bench" / "results" / ("serve-quick" if args.quick else "serve")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
-    out.with_suffix(".md").write_text(render(meta, rows))
-    print(render(meta, rows))
+    write_results(out, {"meta": meta, "results": rows}, render(meta, rows))
     return 0
 
 

@@ -38,6 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.results_io import write_results  # noqa: E402
 from deltas_store import PreparedDelta, apply_delta_, restore_  # noqa: E402
 from deltas_store.patching import PatchOp  # noqa: E402
 from server.engine.packing import FlatWeights, flat_layout  # noqa: E402
@@ -310,12 +311,7 @@ def main() -> int:
         "server_kernel": DEFAULT_KERNEL,
     }  # fmt: skip
     out = args.out or ROOT / "bench" / "results" / ("swap-quick" if args.quick else "swap")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(
-        json.dumps({"meta": meta, "results": rows, "kernels": kernels}, indent=2) + "\n"
-    )
-    out.with_suffix(".md").write_text(render(meta, rows, kernels))
-    print(render(meta, rows, kernels))
+    write_results(out, {"meta": meta, "results": rows, "kernels": kernels}, render(meta, rows, kernels))
     return 0
 
 

@@ -155,7 +155,7 @@ void side_linear_(
   TORCH_CHECK(slot_ptr.scalar_type() == torch::kInt64 && slot_rows.scalar_type() == torch::kInt64,
               "slot_ptr and slot_rows must be int64");
   TORCH_CHECK(slot_ptr.numel() == S + 1, "slot_ptr must have one entry per slot plus one");
-  const int64_t B = x.size(0), I = x.size(2), O = out.size(2);
+  const int64_t B = x.size(0), O = out.size(2);
   const int64_t* ptr = slot_ptr.data_ptr<int64_t>();
   const int64_t* rows = slot_rows.data_ptr<int64_t>();
   TORCH_CHECK(ptr[0] == 0 && ptr[S] == slot_rows.numel(), "slot_ptr must span slot_rows");
@@ -172,7 +172,6 @@ void side_linear_(
     // Bounds are the layout's invariants (checked when the delta was loaded); the last offset is cheap to check.
     TORCH_CHECK(crows[s].data_ptr<int32_t>()[O] == cols[s].numel(), "crow must end at nnz");
   }
-  (void)I;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, x.scalar_type(),
                                   "side_linear_", [&] {
     side_linear_kernel<scalar_t>(out, x, crows, cols, vals, ptr, rows);
