@@ -84,6 +84,10 @@ VARIANTS = {
     "darex-q-per-layer": Variant(
         "darex-q (per-layer q)", "darex-q", {"q_mode": "per-layer"}, search="per-layer"
     ),
+    # Algorithm 3 with |Σc| per row: not the specification, measured beside it (see perlayer.py)
+    "darex-q-per-layer-abs": Variant(
+        "darex-q (per-layer q, |Σc|)", "darex-q", {"q_mode": "per-layer-abs"}, search="per-layer"
+    ),
     "magnitude": Variant("magnitude", "magnitude", random=False),
     "wanda": Variant("wanda", "wanda", random=False),
     "structural": Variant("structural (columns)", "structural", search="global"),

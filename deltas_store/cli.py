@@ -79,8 +79,9 @@ def _compress_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--q-mode",
-        choices=["global", "per-layer", "best"],
-        help="searched q: one global q, per-layer analytic q (Algorithm 3, eta searched), or the better of both",
+        choices=["global", "per-layer", "per-layer-abs", "best"],
+        help="searched q: one global q, per-layer analytic q (Algorithm 3, eta searched; per-layer-abs: with "
+        "|sum c| per row), or the better of global and per-layer",
     )
     p.add_argument("--eta", type=float, help="per-layer q: use this eta instead of searching it")
     p.add_argument(

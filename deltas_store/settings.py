@@ -27,7 +27,7 @@ class CompressSettings(OutputSettings):
     prune_scope: str = "all"
     calibration_samples: int = Field(8, ge=1)
     calibration_tokens: int = Field(128, ge=8)
-    q_mode: str = "global"  # global | per-layer | best
+    q_mode: str = "global"  # global | per-layer | per-layer-abs | best
     mask_seeds: int = Field(1, ge=1)  # masks the q search averages over (paper: 4)
     eta: float | None = Field(None, gt=0.0)  # per-layer q: a fixed η instead of the search
     validation: Path | None = None  # JSONL for a labeled q search

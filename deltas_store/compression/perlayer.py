@@ -7,6 +7,11 @@ S1_i = Σ_j c_ij and S2_i = Σ_j c_ij². Each row's q minimises
     | η(1 − k/q)·S1_i + η²·Φ(p)·S2_i/(4q²) + ln(2/0.05) |,   Φ(p) = (1 − 2p)/ln((1 − p)/p)
 
 over q = k, k + 0.001, ..., 0.998; the layer's q is the mean of its rows' q.
+
+`signed=False` is a measured variant, not the specification: S1_i is replaced by |S1_i|. As specified, a row
+whose S1_i < 0 has an objective whose first term is negative and falls with q, so the scan runs to 0.998
+unless ηS1_i is large enough to cross zero; with |S1_i| every row has the interior optimum
+q = ηΦ(p)S2_i/(2k|S1_i|) (clipped to [k, 0.998]). bench/quality.py reports both.
 """
 
 from __future__ import annotations
@@ -62,16 +67,19 @@ def q_grid(density: float) -> torch.Tensor:
     return density + Q_STEP * torch.arange(steps + 1, dtype=torch.float64)
 
 
-def _objective(sums: RowSums, q: torch.Tensor, density: float, eta: float, phi_p: float) -> torch.Tensor:
+def _objective(
+    sums: RowSums, q: torch.Tensor, density: float, eta: float, phi_p: float, signed: bool
+) -> torch.Tensor:
     # |a_i·(1 − k/q) + b_i/q² + C| with a = η·S1, b = η²·Φ(p)·S2/4, in float64: near η → 0 the q-dependent
     # part is far below float32's resolution of C.
-    a = (eta * sums.s1).double().unsqueeze(1)  # (rows, 1)
+    s1 = sums.s1 if signed else sums.s1.abs()
+    a = (eta * s1).double().unsqueeze(1)  # (rows, 1)
     b = (eta**2 * phi_p / 4 * sums.s2).double().unsqueeze(1)
     inv = (1.0 / q).double().unsqueeze(0)  # (1, m)
     return torch.addcmul(torch.addcmul(a + _CONFIDENCE, a, inv, value=-density), b, inv * inv).abs()
 
 
-def row_q(sums: RowSums, drop_rate: float, eta: float) -> torch.Tensor:
+def row_q(sums: RowSums, drop_rate: float, eta: float, signed: bool = True) -> torch.Tensor:
     """Each row's q (float64, in [k, 0.998]) by the scan of Algorithm 3.
 
     The scan walks q upwards; a row has stopped improving once its objective at some q is not below its best
@@ -88,7 +96,7 @@ def row_q(sums: RowSums, drop_rate: float, eta: float) -> torch.Tensor:
     first_stop = torch.empty(rows, dtype=torch.int64)
     for start in range(0, rows, _ROW_CHUNK):
         chunk = RowSums(sums.s1[start : start + _ROW_CHUNK], sums.s2[start : start + _ROW_CHUNK])
-        f = _objective(chunk, grid, density, eta, phi_p)  # (rows, m)
+        f = _objective(chunk, grid, density, eta, phi_p, signed)  # (rows, m)
         best_before = torch.cummin(f, dim=1).values[:, :-1]  # best over q_0..q_{t-1}, for t = 1..m-1
         stopped = f[:, 1:] >= best_before  # (rows, m - 1)
         any_stop = stopped.any(dim=1)
@@ -100,14 +108,14 @@ def row_q(sums: RowSums, drop_rate: float, eta: float) -> torch.Tensor:
     out = torch.empty(rows, dtype=torch.float64)
     for start in range(0, rows, _ROW_CHUNK):
         chunk = RowSums(sums.s1[start : start + _ROW_CHUNK], sums.s2[start : start + _ROW_CHUNK])
-        f = _objective(chunk, grid[: last + 1], density, eta, phi_p)
+        f = _objective(chunk, grid[: last + 1], density, eta, phi_p, signed)
         out[start : start + _ROW_CHUNK] = grid[f.argmin(dim=1)]
     return out
 
 
-def layer_q(sums: RowSums, drop_rate: float, eta: float) -> float:
+def layer_q(sums: RowSums, drop_rate: float, eta: float, signed: bool = True) -> float:
     """The layer's q: the mean of its rows' q."""
-    return float(row_q(sums, drop_rate, eta).mean())
+    return float(row_q(sums, drop_rate, eta, signed).mean())
 
 
 def per_tensor_q(
@@ -116,13 +124,14 @@ def per_tensor_q(
     all_tensors: tuple[str, ...],
     drop_rate: float,
     eta: float,
+    signed: bool = True,
 ) -> dict[str, float]:
     """q for every tensor in all_tensors: a Linear layer's q for its weight and bias, the mean layer q for
     every other tensor (embeddings, norms); k when there is no Linear layer at all.
 
     sums is keyed by layer; tensors_of maps a layer to its tensor names.
     """
-    layers = {layer: layer_q(s, drop_rate, eta) for layer, s in sums.items()}
+    layers = {layer: layer_q(s, drop_rate, eta, signed) for layer, s in sums.items()}
     fallback = sum(layers.values()) / len(layers) if layers else 1.0 - drop_rate
     of_layer = {
         name: layers[layer] for layer, names in tensors_of.items() if layer in layers for name in names

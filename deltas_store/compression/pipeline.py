@@ -23,7 +23,7 @@ from deltas_store.lora import open_finetune
 from deltas_store.store import validate_name
 from deltas_store.version import __version__
 
-Q_MODES = ("global", "per-layer", "best")
+Q_MODES = ("global", "per-layer", "per-layer-abs", "best")
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,8 @@ class CompressOptions:
     """Everything `compress` needs; the CLI fills it from flags and DELTASERVE_* variables.
 
     q search (methods that rescale by 1/q, when `q` is not given): `q_mode` "global" searches one q,
-    "per-layer" Algorithm 3's per-layer q with η searched (or fixed by `eta`), "best" both, keeping the
+    "per-layer" Algorithm 3's per-layer q with η searched (or fixed by `eta`; "per-layer-abs" the same with
+    |Σc| per row, a measured variant), "best" global and per-layer, keeping the
     better. Scores average over `mask_seeds` masks (seed, seed + 1, ...; paper: 4, outlier dropped).
     Label-free by default; labeled with `metric` (model -> score, higher is better) or a `validation` JSONL.
     """

@@ -111,15 +111,18 @@ def search_eta(
     tensors_of: Mapping[str, tuple[str, ...]],
     drop_rate: float,
     eta: float | None = None,
+    signed: bool = True,
 ) -> Rescaling:
-    """Per-layer q (Algorithm 3) for each η on a log grid, coarse to fine; or for one given η."""
+    """Per-layer q (Algorithm 3) for each η on a log grid, coarse to fine; or for one given η.
+
+    signed=False uses |Σc| per row (the "per-layer-abs" q mode, see perlayer.py)."""
     names = tuple(sorted({n for kept in candidate.masks for n in kept}))
     qs_of: dict[float, dict[str, float]] = {}
 
     def qs(log_eta: float) -> dict[str, float]:
         if log_eta not in qs_of:
             qs_of[log_eta] = perlayer.per_tensor_q(
-                dict(sums), dict(tensors_of), names, drop_rate, 10.0**log_eta
+                dict(sums), dict(tensors_of), names, drop_rate, 10.0**log_eta, signed
             )
         return qs_of[log_eta]
 
@@ -148,7 +151,7 @@ def search_eta(
     layer_q = {layer: best[ts[0]] for layer, ts in tensors_of.items() if ts and ts[0] in best}
     grid = tuple((round(10.0**x, 6), s) for x, s in result.grid)
     details: dict[str, Any] = {
-        "q_mode": "per-layer",
+        "q_mode": "per-layer" if signed else "per-layer-abs",
         "eta": round(10.0**result.q, 6),
         "mask_seeds": len(candidate.masks),
         "goal": objective.goal,

@@ -134,7 +134,8 @@ def search_rescaling(
     eta: float | None,
     quiet: bool = True,
 ) -> Rescaling:
-    """The q search q_mode asks for ("global", "per-layer" or "best"), with the pruned deltas swapped in."""
+    """The q search q_mode asks for ("global", "per-layer", "per-layer-abs" or "best"), with the pruned
+    deltas swapped in."""
     session.reset_to_base_(base, streamed.base_names)
     bar = progress(None, total=None, desc="searching q", quiet=quiet)
     candidate = Candidate(session.model, streamed.masks, on_evaluate=lambda: bar.update(1))
@@ -142,14 +143,15 @@ def search_rescaling(
         found: list[Rescaling] = []
         if q_mode in ("global", "best"):
             found.append(search_global_q(candidate, objective, 1.0 - drop_rate))
-        if q_mode in ("per-layer", "best"):
+        if q_mode in ("per-layer", "per-layer-abs", "best"):
             layers = session.layers_of(streamed.params)
             sums = {layer: s for layer, s in streamed.sums.items() if layer in layers}
             if not sums:
                 raise CalibrationError(
                     "per-layer q needs Linear layers with calibration activations; none found"
                 )
-            found.append(search_eta(candidate, objective, sums, layers, drop_rate, eta))
+            signed = q_mode != "per-layer-abs"
+            found.append(search_eta(candidate, objective, sums, layers, drop_rate, eta, signed))
     finally:
         bar.close()
     best = found[0] if len(found) == 1 else better(found[0], found[1], objective.goal)

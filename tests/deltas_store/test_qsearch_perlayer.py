@@ -49,6 +49,41 @@ def test_row_q_matches_sequential_scan_and_stays_in_range(p: float, eta: float) 
     assert 1 - p - 1e-12 <= layer_q(sums, p, eta) <= 0.998 + 1e-12
 
 
+def test_abs_variant_gives_negative_rows_the_interior_optimum_the_spec_saturates() -> None:
+    p, eta = 0.99, 0.5
+    k, phi_p = 1 - p, phi(p)
+    # S2 chosen so the interior optimum q* = ηΦ(p)S2/(2k|S1|) is 0.2 for |S1| = 1.
+    s2 = 0.2 * 2 * k / (eta * phi_p)
+    sums = RowSums(
+        torch.tensor([1.0, -1.0], dtype=torch.float64), torch.tensor([s2, s2], dtype=torch.float64)
+    )
+    signed = row_q(sums, p, eta, signed=True)
+    absolute = row_q(sums, p, eta, signed=False)
+    assert float(signed[0]) == pytest.approx(0.2, abs=1e-3)
+    # As specified, the negative row's objective only falls with q (ηS1 = -0.5 never cancels ln 40).
+    assert float(signed[1]) == pytest.approx(0.998)
+    assert float(absolute[0]) == float(absolute[1]) == float(signed[0])
+
+
+def test_per_layer_abs_q_mode_compresses_and_records_its_mode(
+    tiny_bert_dir: Path, tiny_bert_classifier_dir: Path, tmp_path: Path
+) -> None:
+    r = compress(
+        CompressOptions(
+            tiny_bert_dir,
+            tiny_bert_classifier_dir,
+            tmp_path / "abs.safetensors",
+            drop_rate=0.99,
+            q_mode="per-layer-abs",
+            eta=0.5,
+            calibration_samples=2,
+            calibration_tokens=16,
+        )
+    )
+    c = r.manifest.calibration
+    assert c is not None and c.details["q_mode"] == "per-layer-abs" and c.details["eta"] == 0.5
+
+
 def test_phi_and_non_linear_tensors_get_the_mean_layer_q() -> None:
     assert phi(0.5) == 0.5 and phi(0.99) == pytest.approx(0.98 / math.log(99))
     gen = torch.Generator().manual_seed(0)
