@@ -89,6 +89,12 @@ def _compress_args(p: argparse.ArgumentParser) -> None:
         type=int,
         help="masks the q search averages over (default 1; paper: 4, outlier dropped)",
     )
+    p.add_argument(
+        "--mask-block",
+        type=int,
+        help="dare/darex-q: keep aligned runs of N entries whole (16 = one 64-byte line of fp32; faster "
+        "hot-swap, measure quality first); default 1, entry by entry",
+    )
     p.add_argument("--seed", type=int, help="mask seed (recorded in the manifest)")
     p.add_argument("--name", help="delta name (default: the output file's stem)")
     p.add_argument(
@@ -127,6 +133,7 @@ def _compress_run(args: argparse.Namespace) -> int:
         mask_seeds=int(pick(args.mask_seeds, s.mask_seeds)),  # type: ignore[call-overload]
         eta=args.eta if args.eta is not None else s.eta,
         validation=args.validation or s.validation,
+        mask_block=int(pick(args.mask_block, s.mask_block)),  # type: ignore[call-overload]
     )
     result = compress(options)
     m = result.manifest

@@ -29,5 +29,6 @@ class CompressSettings(OutputSettings):
     calibration_tokens: int = Field(128, ge=8)
     q_mode: str = "global"  # global | per-layer | per-layer-abs | best
     mask_seeds: int = Field(1, ge=1)  # masks the q search averages over (paper: 4)
+    mask_block: int = Field(1, ge=1)  # random masks keep aligned runs of this many entries whole
     eta: float | None = Field(None, gt=0.0)  # per-layer q: a fixed η instead of the search
     validation: Path | None = None  # JSONL for a labeled q search

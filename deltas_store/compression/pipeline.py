@@ -55,6 +55,7 @@ class CompressOptions:
     mask_seeds: int = 1
     eta: float | None = None
     validation: Path | None = None
+    mask_block: int = 1  # random masks: keep aligned runs of this many entries whole (16 fp32 = 64 bytes)
     metric: Callable[[torch.nn.Module], float] | None = field(default=None, compare=False)
 
 
@@ -100,6 +101,8 @@ def compress(options: CompressOptions) -> CompressResult:
             q_mode = auto.q_mode if auto.q_mode in Q_MODES else options.q_mode
             options = replace(options, method=auto.method, q_mode=q_mode)
         method = get_method(options.method)
+        if options.mask_block > 1 and method.selection == "random":  # auto may have chosen another kind
+            method = method.with_block(options.mask_block)
         density = 1.0 - options.drop_rate
         search = method.rescale == "q" and options.q is None
         per_layer = search and options.q_mode != "global"
@@ -172,9 +175,11 @@ def _validate(options: CompressOptions) -> None:
         raise ValueError(f"eta must be positive, got {options.eta}")
     if options.out.is_dir():
         raise ValueError(f"{options.out}: is a directory; -o takes the delta file's path")
+    if options.mask_block < 1:
+        raise ValueError(f"mask block must be at least 1, got {options.mask_block}")
     if options.method == AUTO:
         return
-    method = get_method(options.method)
+    method = get_method(options.method).with_block(options.mask_block)
     if options.q is not None:
         method.scale(1.0 - options.drop_rate, options.q)  # validates the range before any work
     if options.q_mode != "global" and (method.rescale != "q" or options.q is not None):
@@ -220,6 +225,7 @@ def _manifest(
             nnz=int(kept.indices.numel()),
             encoding=method.encoding,
             density=density if method.seeded else None,
+            block=method.block if method.block > 1 else None,
             scale=rescaling.scales[n],
             base_name=p.base_name if p.base_name != n else None,
         )

@@ -6,13 +6,13 @@ and *what scale* the survivors get; the arithmetic that applies them lives in de
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 
 from deltas_store.compression.sparsify import (
-    seeded_keep_indices,
+    seeded_keep_blocks,
     structural_keep_indices,
     topk_keep_indices,
     wanda_keep_indices,
@@ -34,12 +34,22 @@ class PruningMethod:
     without activations fall back to magnitude); "columns" / "rows" keep whole columns / rows, each with
     probability density (structural DPP, seeded).
     rescale: "density" multiplies survivors by 1/density (DARE), "q" by 1/q (DAREx-q), "none" by 1.
+    block: random selection only: keep aligned runs of this many entries whole (`with_block`); 1 = entries.
     """
 
     name: str
     paper: str
     selection: Selection
     rescale: Literal["density", "q", "none"]
+    block: int = 1
+
+    def with_block(self, block: int) -> PruningMethod:
+        """This method with a block mask: each aligned run of `block` entries is kept or dropped whole."""
+        if block < 1:
+            raise ValueError(f"mask block must be at least 1, got {block}")
+        if block > 1 and self.selection != "random":
+            raise ValueError(f"a mask block applies to random masks (dare, darex-q), not {self.name!r}")
+        return replace(self, block=block)
 
     @property
     def seeded(self) -> bool:
@@ -59,7 +69,7 @@ class PruningMethod:
     def encoding(self) -> Encoding:
         """How the kept positions are stored (deltas_store.format.encoding)."""
         if self.selection == "random":
-            return enc.SEEDED
+            return enc.SEEDED_BLOCKS if self.block > 1 else enc.SEEDED
         if self.selection == "columns":
             return enc.COLUMNS
         if self.selection == "rows":
@@ -79,7 +89,7 @@ class PruningMethod:
         input_norm: (in,) L2 norms of a Linear's input features (wanda only).
         """
         if self.selection == "random":
-            return seeded_keep_indices(delta.numel(), density, seed, tensor_name, device=delta.device)
+            return seeded_keep_blocks(delta.numel(), density, seed, tensor_name, self.block, delta.device)
         if self.selection in ("columns", "rows"):
             shape = tuple(delta.shape)
             return structural_keep_indices(shape, density, seed, tensor_name, self.selection).to(delta.device)

@@ -69,6 +69,29 @@ def seeded_keep_indices(
     return _seeded_keep_torch(numel, key_a, key_b, threshold, device)
 
 
+def seeded_keep_blocks(
+    numel: int, density: float, seed: int, tensor_name: str, block: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Sorted int64 flat indices of a seeded mask that keeps aligned runs of `block` elements whole.
+
+    Block b covers flat indices [b·block, (b+1)·block) (the last one may be shorter); each block is kept
+    with probability density by the same portable hash, over a stream of its own per block size. In a
+    row-major weight a block is `block` adjacent entries of one row (whenever the row length is a multiple
+    of it), so applying the delta touches whole cache lines (16 fp32 values are one 64-byte line) instead of
+    a scattered 1% of values that dirties about 15% of the lines.
+    """
+    if block < 1:
+        raise ValueError(f"block must be at least 1, got {block}")
+    if block == 1:
+        return seeded_keep_indices(numel, density, seed, tensor_name, device)
+    blocks = -(-numel // block)
+    ids = seeded_keep_indices(blocks, density, seed, f"{tensor_name}#blocks{block}", device)
+    flat = (ids.unsqueeze(1) * block + torch.arange(block, device=ids.device)).flatten()
+    if ids.numel() and int(ids[-1]) == blocks - 1 and numel % block:
+        flat = flat[flat < numel]  # the last block is partial
+    return flat
+
+
 def _seeded_keep_torch(
     numel: int, key_a: int, key_b: int, threshold: int, device: torch.device | str
 ) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Index encodings for sparse deltas: seeded (no index data), varint gaps, plain sorted int32, and the
+"""Index encodings for sparse deltas: seeded and seeded blocks (no index data), varint gaps, plain sorted int32, and the
 structural encodings that store only the ids of kept whole columns or rows."""
 
 from __future__ import annotations
@@ -7,16 +7,22 @@ from typing import Final
 
 import torch
 
-from deltas_store.compression.sparsify import as_rows_cols, lines_to_flat, seeded_keep_indices
+from deltas_store.compression.sparsify import (
+    as_rows_cols,
+    lines_to_flat,
+    seeded_keep_blocks,
+    seeded_keep_indices,
+)
 from deltas_store.errors import DeltaFormatError
 
 SEEDED: Final = "seeded"
+SEEDED_BLOCKS: Final = "seeded_blocks"  # whole aligned runs of `block` values, regenerated from the seed
 VARINT_GAPS: Final = "varint_gaps"
 INDICES_I32: Final = "indices_i32"
 COLUMNS: Final = "columns"  # `P::columns`: sorted int32 ids of kept last-dim columns; every row keeps them
 ROWS: Final = "rows"  # `P::rows`: sorted int32 ids of kept first-dim rows, each kept whole
 LINE_ENCODINGS = (COLUMNS, ROWS)
-INDEX_ENCODINGS = (SEEDED, VARINT_GAPS, INDICES_I32, COLUMNS, ROWS)
+INDEX_ENCODINGS = (SEEDED, SEEDED_BLOCKS, VARINT_GAPS, INDICES_I32, COLUMNS, ROWS)
 _MAX_VARINT_BYTES = 5  # 35 bits: enough for any gap inside a tensor of < 2**32 elements
 
 
@@ -94,6 +100,18 @@ def regenerate_seeded(count: int, numel: int, density: float, seed: int, tensor_
     if indices.numel() != count:
         raise DeltaFormatError(
             f"{tensor_name}: the seeded mask keeps {indices.numel()} values, the file holds {count}"
+        )
+    return indices
+
+
+def regenerate_seeded_blocks(
+    count: int, numel: int, density: float, seed: int, tensor_name: str, block: int
+) -> torch.Tensor:
+    """The block mask a seeded_blocks delta was pruned with; its size must match the stored value count."""
+    indices = seeded_keep_blocks(numel, density, seed, tensor_name, block)
+    if indices.numel() != count:
+        raise DeltaFormatError(
+            f"{tensor_name}: the seeded block mask keeps {indices.numel()} values, the file holds {count}"
         )
     return indices
 

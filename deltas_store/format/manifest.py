@@ -20,7 +20,7 @@ FORMAT_VERSION = 1
 MANIFEST_KEY = "deltaserve.manifest"
 MANIFEST_DIGEST_KEY = "deltaserve.manifest_sha256"
 
-Encoding = Literal["seeded", "varint_gaps", "indices_i32", "columns", "rows", "dense"]
+Encoding = Literal["seeded", "seeded_blocks", "varint_gaps", "indices_i32", "columns", "rows", "dense"]
 
 
 class _Frozen(BaseModel):
@@ -36,8 +36,18 @@ class ParamEntry(_Frozen):
     nnz: int = Field(ge=0)  # kept values (sparse) or numel (dense)
     encoding: Encoding
     density: float | None = None  # the mask density (seeded encoding regenerates the mask from it)
+    # seeded_blocks: values kept in aligned runs of this length; left out of the JSON otherwise, so files
+    # without block masks are byte-for-byte what earlier versions wrote
+    block: int | None = Field(None, ge=2)
     scale: float | None = None  # what every kept delta was multiplied by (1/q, 1/(1-p), or 1)
     base_name: str | None = None  # the base checkpoint's name when it differs (prefix alignment)
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_block(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("block", 0) is None:
+            del data["block"]
+        return data
 
 
 class BaseInfo(_Frozen):

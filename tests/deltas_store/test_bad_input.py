@@ -636,6 +636,7 @@ def test_delta_for_another_architecture(
         ([1, 100000], enc.VARINT_GAPS, None, "out of range"),
         (list(range(17)), enc.INDICES_I32, None, "keeps 17 values of 16"),
         ([0, 1], enc.SEEDED, None, "seeded but has no density"),
+        ([0, 1], enc.SEEDED_BLOCKS, None, "seeded in blocks but has no density or block"),
     ],
 )
 def test_out_of_range_indices_with_valid_checksums(
@@ -656,6 +657,16 @@ def test_seeded_count_mismatch(tmp_path: Path) -> None:
     manifest = delta.manifest.model_copy(update={"params": {"w": entry}})
     path = write_delta(Delta(manifest, delta.sparse), tmp_path / "d.safetensors")
     with pytest.raises(DeltaFormatError, match="seeded mask keeps"):
+        read_delta(path)
+
+
+def test_seeded_blocks_count_mismatch(tmp_path: Path) -> None:
+    """A block-mask entry whose value count is not what its block mask regenerates to."""
+    delta = make_delta("w", (64, 64), [0, 1, 2], encoding=enc.SEEDED_BLOCKS)
+    entry = delta.manifest.params["w"].model_copy(update={"density": 0.5, "block": 16})
+    manifest = delta.manifest.model_copy(update={"params": {"w": entry}})
+    path = write_delta(Delta(manifest, delta.sparse), tmp_path / "d.safetensors")
+    with pytest.raises(DeltaFormatError, match="seeded block mask keeps"):
         read_delta(path)
 
 

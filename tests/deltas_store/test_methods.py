@@ -45,6 +45,50 @@ def test_q_equal_density_reproduces_dare_exactly(
         assert dare.manifest.params[name].scale == darex.manifest.params[name].scale
 
 
+@pytest.mark.parametrize("method", ["dare", "darex-q"])
+def test_block_mask_compresses_to_whole_runs_and_round_trips(
+    tiny_llama_dir: Path, tiny_llama_finetunes: dict[str, Path], tmp_path: Path, method: str
+) -> None:
+    from deltas_store.apply import materialize
+    from deltas_store.checkpoint import ModelDir
+
+    ft, p = tiny_llama_finetunes["ft-1"], 0.9
+    r = compress(
+        CompressOptions(
+            tiny_llama_dir, ft, tmp_path / "b.safetensors", method=method, drop_rate=p, mask_block=16,
+            q=0.2 if method == "darex-q" else None,
+        )
+    )  # fmt: skip
+    sparse = [e for e in r.manifest.params.values() if e.kind == "sparse"]
+    assert sparse and all(e.encoding == "seeded_blocks" and e.block == 16 for e in sparse)
+    delta = read_delta(r.path)
+    base, finetuned = _weights(tiny_llama_dir), _weights(ft)
+    for name, sp in delta.sparse.items():
+        assert sp.indices.numel() % 16 == 0  # tiny-llama rows are multiples of 16: no partial block
+        runs = sp.indices.view(-1, 16)
+        assert bool((runs[:, 0] % 16 == 0).all())  # each run starts on a block boundary ...
+        assert bool((runs - runs[:, :1] == torch.arange(16)).all())  # ... and is 16 consecutive entries
+        scale = 1 / (1 - p) if method == "dare" else 1 / 0.2
+        true_delta = (finetuned[name].float() - base[name].float()).flatten()
+        assert torch.allclose(sp.values.float(), true_delta[sp.indices] * scale, atol=1e-6)
+    # the materialised model is base + the stored values, in place
+    with ModelDir.open(tiny_llama_dir) as b:
+        merged = materialize(b, delta)
+    name, sp = next(iter(delta.sparse.items()))
+    want = base[name].float().flatten().clone()
+    want[sp.indices] += sp.values.float()
+    assert torch.allclose(merged[name].float().flatten(), want, atol=1e-6)
+
+
+def test_block_mask_rejects_importance_methods(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="mask block applies to random masks"):
+        compress(
+            CompressOptions(tiny_llama_dir, tiny_llama_dir, tmp_path / "m.safetensors", method="magnitude",
+                            mask_block=16)
+        )  # fmt: skip
+    assert not (tmp_path / "m.safetensors").exists()
+
+
 def test_wanda_keeps_top_k_per_row_by_score() -> None:
     gen = torch.Generator().manual_seed(0)
     delta = torch.randn(6, 40, generator=gen)

@@ -80,6 +80,13 @@ def test_per_layer_auto_and_new_methods_flags(
     assert {e.encoding for e in read_manifest(structural).params.values()} == {"columns", "dense"}
     shown = _run(capsys, "inspect", structural)
     assert "bytes_per_kept_value" in shown
+    blocks = tmp_path / "blocks.safetensors"
+    _run(
+        capsys, "compress", tiny_bert_dir, tiny_bert_classifier_dir, "-o", blocks, "--method", "dare",
+        "--drop-rate", "0.9", "--mask-block", "16",
+    )  # fmt: skip
+    assert {e.encoding for e in read_manifest(blocks).params.values()} == {"seeded_blocks", "dense"}
+    assert "seeded_blocks" in _run(capsys, "inspect", blocks)
 
 
 def test_bad_method_flags_fail_cleanly(
@@ -89,6 +96,10 @@ def test_bad_method_flags_fail_cleanly(
     args = ["compress", str(tiny_bert_dir), str(tiny_bert_classifier_dir), "-o", str(out)]
     rc = main([*args, "--method", "dare", "--q-mode", "per-layer"])
     assert rc != 0 and "q mode" in capsys.readouterr().err and not out.exists()
+    rc = main([*args, "--method", "magnitude", "--mask-block", "16"])
+    assert rc == 1 and "mask block applies to random masks" in capsys.readouterr().err and not out.exists()
+    rc = main([*args, "--mask-block", "0"])
+    assert rc == 1 and "mask block must be at least 1" in capsys.readouterr().err and not out.exists()
     bad = tmp_path / "bad.jsonl"
     bad.write_text("not json\n")
     rc = main([*args, "--validation", str(bad)])

@@ -16,6 +16,7 @@ from deltas_store.compression.sparsify import (
     _seeded_keep_torch,
     keep_threshold,
     rowwise_topk_keep_indices,
+    seeded_keep_blocks,
     seeded_keep_indices,
     stream_key,
     topk_keep_indices,
@@ -91,6 +92,31 @@ def test_mask_identical_on_cuda() -> None:
     cpu = seeded_keep_indices(3_000_000, 0.01, 9, "w")
     cuda = seeded_keep_indices(3_000_000, 0.01, 9, "w", device="cuda")
     assert torch.equal(cpu, cuda.cpu())
+
+
+@pytest.mark.parametrize(("numel", "block"), [(64 * 48, 16), (1000, 16), (999, 7), (5, 16)])
+def test_block_mask_keeps_whole_aligned_runs(numel: int, block: int) -> None:
+    density = 0.25
+    idx = seeded_keep_blocks(numel, density, 3, "w", block)
+    assert torch.equal(idx, seeded_keep_blocks(numel, density, 3, "w", block))
+    assert bool((idx[1:] > idx[:-1]).all()) and (idx.numel() == 0 or 0 <= int(idx[0]) <= int(idx[-1]) < numel)
+    blocks = torch.unique(idx // block)
+    # every kept block is kept whole (the last one only up to numel), and nothing else is kept
+    whole = (blocks.unsqueeze(1) * block + torch.arange(block)).flatten()
+    assert torch.equal(idx, whole[whole < numel])
+    n_blocks = -(-numel // block)
+    if n_blocks >= 100:
+        sigma = math.sqrt(n_blocks * density * (1 - density))
+        assert abs(blocks.numel() - density * n_blocks) < 5 * sigma
+        assert not torch.equal(idx, seeded_keep_blocks(numel, density, 4, "w", block))
+    # density 1 keeps every block, the partial last one up to numel
+    assert torch.equal(seeded_keep_blocks(numel, 1.0, 3, "w", block), torch.arange(numel))
+
+
+def test_block_of_one_is_the_element_mask() -> None:
+    assert torch.equal(seeded_keep_blocks(5000, 0.1, 0, "w", 1), seeded_keep_indices(5000, 0.1, 0, "w"))
+    with pytest.raises(ValueError, match="block"):
+        seeded_keep_blocks(10, 0.5, 0, "w", 0)
 
 
 def test_topk_keeps_largest() -> None:
