@@ -88,6 +88,11 @@ VARIANTS = {
     "darex-q-per-layer-abs": Variant(
         "darex-q (per-layer q, |Σc|)", "darex-q", {"q_mode": "per-layer-abs"}, search="per-layer"
     ),
+    # block masks (--mask-block 16): kept entries in aligned runs of 16, the hot-swap lever of bench/swap.py
+    "dare-b16": Variant("dare (16-blocks)", "dare", {"mask_block": 16}),
+    "darex-q-b16": Variant(
+        "darex-q (label-free q, 16-blocks)", "darex-q", {"mask_block": 16}, search="global"
+    ),
     "magnitude": Variant("magnitude", "magnitude", random=False),
     "wanda": Variant("wanda", "wanda", random=False),
     "structural": Variant("structural (columns)", "structural", search="global"),

@@ -1,11 +1,14 @@
 """Hot-swap benchmark: apply + restore of one delta vs the bytes it must touch and vs copying a full weight set.
 
 Weights are SmolLM2-135M-shaped (names and shapes read from the embedded model's header; random values),
-packed into one flat buffer exactly as the server packs them. Deltas are random DARE-like masks at drop
-rate p with random values. For each base dtype and p, in one run and interleaved:
+packed into one flat buffer exactly as the server packs them. Deltas are seeded DARE masks at drop rate p
+with random values: element masks (`--mask-block 1`, the default) and block masks (`--mask-block 16`: kept
+entries in aligned runs of 16, one 64-byte line of fp32). For each base dtype, p and mask, in one run and
+interleaved:
 
   * apply and restore through the server's own swap path (`SwapManager` + `serve_delta`);
-  * the bytes-touched lower bound: kept values (originals when restoring) + int32 indices + every touched
+  * the bytes-touched lower bound: kept values (originals when restoring) + index data (one int32 per run of
+    consecutive kept positions: per value for element masks, per block for block masks) + every touched
     64-byte weight line read and written, in both apply and restore, at the bandwidth of a large tensor
     copy measured in the same run;
   * the realistic alternative: copying a whole fine-tuned weight set into the resident tensors from host
@@ -40,10 +43,11 @@ sys.path.insert(0, str(ROOT))
 
 from bench.results_io import write_results  # noqa: E402
 from deltas_store import PreparedDelta, apply_delta_, restore_  # noqa: E402
+from deltas_store.compression.sparsify import seeded_keep_blocks  # noqa: E402
 from deltas_store.patching import PatchOp  # noqa: E402
 from server.engine.packing import FlatWeights, flat_layout  # noqa: E402
 from server.metrics import ServerMetrics  # noqa: E402
-from server.routing.flat import DEFAULT_KERNEL, WRITE_KERNELS, gather_bits  # noqa: E402
+from server.routing.flat import DEFAULT_KERNEL, WRITE_KERNELS, Runs, gather_bits  # noqa: E402
 from server.routing.patching import SwapManager  # noqa: E402
 from server.routing.served import serve_delta  # noqa: E402
 
@@ -98,15 +102,20 @@ def views(flat: FlatWeights) -> dict[str, torch.Tensor]:
     }
 
 
-def random_delta(flat: FlatWeights, drop_rate: float, seed: int) -> PreparedDelta:
-    """A DARE-like delta: each element kept with probability 1 - p, small random values (weight dtype)."""
+def random_delta(flat: FlatWeights, drop_rate: float, seed: int, block: int = 1) -> PreparedDelta:
+    """A DARE delta: the seeded mask (entries, or aligned runs of `block`), small random values."""
     gen = torch.Generator().manual_seed(seed)
     ops = []
     for name, shape in flat.shapes.items():
-        index = (torch.rand(shape.numel(), generator=gen) >= drop_rate).nonzero().squeeze(1)
+        index = seeded_keep_blocks(shape.numel(), 1.0 - drop_rate, seed, name, block)
         values = (torch.randn(index.numel(), generator=gen) * 1e-3).to(flat.buffer.dtype)
         ops.append(PatchOp(name, index.to(flat.buffer.device), values.to(flat.buffer.device)))
     return PreparedDelta(f"p{drop_rate}", None, tuple(ops))  # type: ignore[arg-type]
+
+
+def runs_of(prepared: PreparedDelta) -> int:
+    """Maximal runs of consecutive kept positions (the least index data a write must read: one per run)."""
+    return sum(Runs.of(op.index).count for op in prepared.ops if op.index is not None)
 
 
 def touched_lines(flat: FlatWeights, prepared: PreparedDelta) -> int:
@@ -176,13 +185,14 @@ def measure(
     nnz = served.flat.index.numel()
     size = flat.buffer.element_size()
     lines = touched_lines(flat, prepared)
-    apply_bytes = nnz * 4 + nnz * size + 2 * lines * LINE  # int32 index, kept values, touched lines r+w
-    restore_bytes = nnz * 4 + nnz * size + 2 * lines * LINE  # int32 index, originals, touched lines r+w
+    runs = runs_of(prepared)
+    apply_bytes = runs * 4 + nnz * size + 2 * lines * LINE  # int32 per run, kept values, touched lines r+w
+    restore_bytes = runs * 4 + nnz * size + 2 * lines * LINE  # int32 per run, originals, touched lines r+w
     bound_s = (apply_bytes + restore_bytes) / med["bw"]
     swap_s = med["apply"] + med["restore"]
     full_s = min(med["full_copy"], med["full_copy_per_tensor"])
     out = {
-        "params": flat.buffer.numel(), "nnz": nnz, "density": nnz / flat.buffer.numel(),
+        "params": flat.buffer.numel(), "nnz": nnz, "density": nnz / flat.buffer.numel(), "runs": runs,
         "touched_line_fraction": lines * LINE / flat.buffer.nbytes, "bandwidth_gb_s": med["bw"] / 1e9,
         "apply_s": med["apply"], "restore_s": med["restore"], "bound_s": bound_s,
         "ratio_to_limit": swap_s / bound_s, "full_copy_s": full_s, "speedup_vs_full_copy": full_s / swap_s,
@@ -236,12 +246,14 @@ def compare_kernels(
         flat.buffer.index_add_(0, fd.index, fd.values)
         return lambda: scatter.write_(flat.buffer, fd.index, saved)
 
-    def precomputed(name: str, index: torch.Tensor) -> Callable[[], Callable[[], None]]:
+    def precomputed(
+        name: str, index: torch.Tensor, runs: Runs | None = None
+    ) -> Callable[[], Callable[[], None]]:
         kernel = WRITE_KERNELS[name]
 
         def run() -> Callable[[], None]:
-            kernel.write_(flat.buffer, index, fd.patched)
-            return lambda: kernel.write_(flat.buffer, index, fd.originals)
+            kernel.write_(flat.buffer, index, fd.patched, runs)
+            return lambda: kernel.write_(flat.buffer, index, fd.originals, runs)
 
         return run
 
@@ -252,8 +264,10 @@ def compare_kernels(
         "flat gather + index_add_": index_add,
     }
     for name in WRITE_KERNELS:
-        variants[f"precomputed {name} int64"] = precomputed(name, fd.index)
+        variants[f"precomputed {name} int64"] = precomputed(name, fd.index, fd.runs)
     variants["precomputed scatter int32"] = precomputed("scatter", fd.index.int())
+    # the server uses runs when the mask has them; this is the same kernel value by value
+    variants["precomputed native, per value"] = precomputed("native", fd.index)
     results: dict[str, dict[str, Any]] = {}
     for name, run in variants.items():
         undo = run()
@@ -274,6 +288,9 @@ def main() -> int:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument(
+        "--mask-blocks", default="1,16", help="comma-separated mask blocks (1 = element masks; default 1,16)"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.threads:
@@ -286,21 +303,28 @@ def main() -> int:
     bw_bytes = (64 if args.quick else 256) << 20
     rows: list[dict[str, Any]] = []
     kernels: list[dict[str, Any]] = []
+    blocks = [int(b) for b in args.mask_blocks.split(",")]
     for dname, dtype in DTYPES.items():
         flat = flat_weights(shapes, dtype, device)
-        for p in drop_rates:
-            prepared = random_delta(flat, p, seed=int(p * 1000))
-            r = {"dtype": dname, "drop_rate": p, **measure(flat, prepared, reps, device, bw_bytes)}
+        for p, block in ((p, b) for p in drop_rates for b in blocks):
+            prepared = random_delta(flat, p, seed=int(p * 1000), block=block)
+            r = {
+                "dtype": dname,
+                "drop_rate": p,
+                "block": block,
+                **measure(flat, prepared, reps, device, bw_bytes),
+            }
             rows.append(r)
-            print(f"dtype={dname} p={p} apply_ms={r['apply_s'] * 1e3:.2f} restore_ms={r['restore_s'] * 1e3:.2f} "
+            print(f"dtype={dname} p={p} block={block} apply_ms={r['apply_s'] * 1e3:.2f} restore_ms={r['restore_s'] * 1e3:.2f} "
                   f"bound_ms={r['bound_s'] * 1e3:.2f} ratio_to_limit={r['ratio_to_limit']:.2f} "
                   f"full_copy_ms={r['full_copy_s'] * 1e3:.2f} speedup_vs_full_copy={r['speedup_vs_full_copy']:.2f} "
                   f"bit_exact={r['bit_exact']}", flush=True)  # fmt: skip
             if p in (0.99, 0.999):
-                k = {"dtype": dname, "drop_rate": p, "kernels": compare_kernels(flat, prepared, reps, device)}
+                k = {"dtype": dname, "drop_rate": p, "block": block,
+                     "kernels": compare_kernels(flat, prepared, reps, device)}  # fmt: skip
                 kernels.append(k)
                 best = min(k["kernels"].items(), key=lambda kv: kv[1]["apply_restore_s"])
-                print(f"  kernels dtype={dname} p={p}: " + ", ".join(
+                print(f"  kernels dtype={dname} p={p} block={block}: " + ", ".join(
                     f"{n}={v['apply_restore_s'] * 1e3:.1f}ms{'' if v['bit_exact'] else ' (NOT exact)'}"
                     for n, v in k["kernels"].items()) + f"; fastest: {best[0]}", flush=True)  # fmt: skip
         del flat
@@ -321,34 +345,35 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]], kernels: list[dict[
         f"# deltaserve hot-swap benchmark ({meta['cuda'] or 'cpu'}, {meta['threads']} threads)",
         "",
         f"SmolLM2-135M-shaped weights ({meta['params'] / 1e6:.1f}M parameters{', 6 layers of Linear weights' if meta['quick'] else ''}), "
-        f"random DARE masks; median of {meta['reps']} interleaved reps. Server path: one `{meta['server_kernel']}` "
+        f"seeded DARE masks (block 1: entry by entry; block 16: aligned runs of 16 entries, `--mask-block 16`); "
+        f"median of {meta['reps']} interleaved reps. Server path: one `{meta['server_kernel']}` "
         "of precomputed patched values (apply) or originals (restore) over the flat buffer. Bound = (kept values + "
-        "int32 indices + touched 64-byte weight lines read and written, in apply and in restore) / copy "
+        "one int32 per run of consecutive kept positions + touched 64-byte weight lines read and written, in apply and in restore) / copy "
         "bandwidth measured in the same run. Full copy = a whole "
         "fine-tuned weight set copied from host memory into the resident tensors (best of one flat copy and "
         "per-tensor copies). `bound speedup` = the most any swap kernel could gain over the full copy.",
         "",
-        f"| dtype | p | density | touched lines | apply ms | restore ms | bound ms | ratio_to_limit | full copy ms | "
+        f"| dtype | p | block | density | touched lines | apply ms | restore ms | bound ms | ratio_to_limit | full copy ms | "
         f"{gpu}speedup_vs_full_copy | bound speedup | bit-exact |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if gpu else "") + "---:|---:|---|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if gpu else "") + "---:|---:|---|",
     ]  # fmt: skip
     for r in rows:
         extra = f"{r['pinned_h2d_s'] * 1e3:.1f} | {r['speedup_vs_pinned_h2d']:.1f}x | " if gpu else ""
         lines.append(
-            f"| {r['dtype']} | {r['drop_rate']} | {r['density']:.4f} | {r['touched_line_fraction']:.1%} | "
+            f"| {r['dtype']} | {r['drop_rate']} | {r.get('block', 1)} | {r['density']:.4f} | {r['touched_line_fraction']:.1%} | "
             f"{r['apply_s'] * 1e3:.2f} | {r['restore_s'] * 1e3:.2f} | {r['bound_s'] * 1e3:.2f} | "
             f"{r['ratio_to_limit']:.2f} | {r['full_copy_s'] * 1e3:.1f} | {extra}{r['speedup_vs_full_copy']:.2f}x | "
             f"{r['bound_speedup_vs_full_copy']:.2f}x | {r['bit_exact']} |"
         )
     lines += ["", "## Kernels (apply + restore ms, same delta, interleaved)", ""]
     names = list(kernels[0]["kernels"]) if kernels else []
-    lines.append("| dtype | p | " + " | ".join(names) + " |")
-    lines.append("|---|---:|" + "---:|" * len(names))
+    lines.append("| dtype | p | block | " + " | ".join(names) + " |")
+    lines.append("|---|---:|---:|" + "---:|" * len(names))
     for k in kernels:
         cells = [
             f"{v['apply_restore_s'] * 1e3:.1f}{'' if v['bit_exact'] else ' ✗'}" for v in k["kernels"].values()
         ]
-        lines.append(f"| {k['dtype']} | {k['drop_rate']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {k['dtype']} | {k['drop_rate']} | {k.get('block', 1)} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("✗ = not bit-exact (apply must equal deltas_store's arithmetic, restore the original bits).")
     return "\n".join(lines) + "\n"

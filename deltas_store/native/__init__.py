@@ -67,6 +67,10 @@ class NativeKernels(Protocol):
 
     def assign_(self, dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> None: ...
 
+    def assign_runs_(
+        self, dst: torch.Tensor, starts: torch.Tensor, offsets: torch.Tensor, src: torch.Tensor
+    ) -> None: ...
+
 
 def enabled() -> bool:
     return os.environ.get("DELTASERVE_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")

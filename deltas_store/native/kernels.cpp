@@ -3,6 +3,9 @@
 // seeded_keep — the portable counter-based mask of deltas_store.compression.sparsify, bit for bit, on all
 // cores: element i is kept iff mix32(mix32(i ^ key_a) ^ key_b) < threshold.
 //
+// assign_ / assign_runs_ — the hot-swap write: kept values (or the originals) into the flat weights, bit for
+// bit, element by element or, for masks whose kept entries come in runs (block masks), one memcpy per run.
+//
 // side_linear_ — mixed-batch side products: out[r, t, :] += x[r, t, :] · ΔW_{slot(r)}ᵀ for every row r with a
 // delta, in one call per Linear for the whole batch (no loop over deltas in Python, no weight written).
 //
@@ -14,6 +17,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -222,6 +226,32 @@ void assign_kernel(bits_t* dst, const int64_t* index, const bits_t* src, int64_t
 
 }  // namespace
 
+// dst.flat[starts[r] + j] = src[offsets[r] + j] for 0 <= j < offsets[r + 1] - offsets[r]: sorted, disjoint runs
+// of consecutive positions, one memcpy each, so the index data read is one start per run, not one per value.
+void assign_runs_(torch::Tensor dst, torch::Tensor starts, torch::Tensor offsets, torch::Tensor src) {
+  TORCH_CHECK(dst.device().is_cpu() && starts.device().is_cpu() && offsets.device().is_cpu() && src.device().is_cpu(),
+              "CPU tensors only");
+  TORCH_CHECK(dst.is_contiguous() && starts.is_contiguous() && offsets.is_contiguous() && src.is_contiguous(),
+              "contiguous tensors only");
+  TORCH_CHECK(starts.scalar_type() == torch::kInt64 && starts.dim() == 1, "starts must be 1-D int64");
+  TORCH_CHECK(offsets.scalar_type() == torch::kInt64 && offsets.dim() == 1 && offsets.numel() == starts.numel() + 1,
+              "offsets must be 1-D int64 with one more entry than starts");
+  TORCH_CHECK(src.dim() == 1 && dst.element_size() == src.element_size(), "src: 1-D, dst's element size");
+  const int64_t runs = starts.numel();
+  const int64_t* st = starts.data_ptr<int64_t>();
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  TORCH_CHECK(off[0] == 0 && off[runs] == src.numel(), "offsets must run from 0 to src.numel()");
+  if (runs == 0) return;
+  TORCH_CHECK(st[0] >= 0 && st[runs - 1] + (off[runs] - off[runs - 1]) <= dst.numel(),
+              "run out of range (runs must be sorted)");
+  const int64_t es = dst.element_size();
+  char* d = static_cast<char*>(dst.data_ptr());
+  const char* s = static_cast<const char*>(src.data_ptr());
+  at::parallel_for(0, runs, 1 << 12, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) std::memcpy(d + st[r] * es, s + off[r] * es, (off[r + 1] - off[r]) * es);
+  });
+}
+
 // dst.flat[index[k]] = src[k], bit for bit (raw element copies of 2, 4 or 8 bytes); indices are the caller's
 // invariant (a prepared delta's, bounds-checked when it was read) and only their range is checked here.
 void assign_(torch::Tensor dst, torch::Tensor index, torch::Tensor src) {
@@ -244,6 +274,7 @@ void assign_(torch::Tensor dst, torch::Tensor index, torch::Tensor src) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("assign_", &assign_, "dst.flat[index] = src, bit for bit (sorted int64 index)");
+  m.def("assign_runs_", &assign_runs_, "dst.flat[runs] = src, one memcpy per run of consecutive positions");
   m.def("side_linear_", &side_linear_, "out += x · ΔWᵀ per row's delta slot (in place)");
   m.def("seeded_keep", &seeded_keep, "sorted int64 indices i < numel with mix32(mix32(i ^ a) ^ b) < threshold");
 }

@@ -24,6 +24,35 @@ _BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16:
          torch.float64: torch.int64}  # fmt: skip
 
 BaseValues = Callable[[torch.Tensor], torch.Tensor]  # sorted flat positions -> the pristine base's values
+# Kept positions are also stored as runs when they come in runs at least this long on average (block masks):
+# a write then reads one start per run instead of one index per value.
+RUN_MIN_MEAN = 4.0
+
+
+@dataclass(frozen=True)
+class Runs:
+    """Sorted flat positions as maximal runs of consecutive positions: run r covers
+    [starts[r], starts[r] + offsets[r + 1] - offsets[r]) and holds entries offsets[r]:offsets[r + 1]."""
+
+    starts: torch.Tensor  # (R,) int64
+    offsets: torch.Tensor  # (R + 1,) int64, offsets[0] = 0, offsets[R] = nnz
+
+    @classmethod
+    def of(cls, index: torch.Tensor) -> Runs:
+        n = index.numel()
+        begins = torch.ones(n, dtype=torch.bool, device=index.device)
+        if n > 1:
+            begins[1:] = index[1:] != index[:-1] + 1
+        at = begins.nonzero().squeeze(1)
+        return cls(index[at], torch.cat([at, torch.tensor([n], device=index.device)]))
+
+    @property
+    def count(self) -> int:
+        return self.starts.numel()
+
+    @property
+    def nbytes(self) -> int:
+        return self.starts.nbytes + self.offsets.nbytes
 
 
 @dataclass(frozen=True)
@@ -38,12 +67,14 @@ class FlatDelta:
     patched: torch.Tensor  # (nnz,) originals + values in the weight dtype: what `apply` writes
     spans: Mapping[str, tuple[int, int]]  # target parameter -> [start, end) of its entries above
     dense: PreparedDelta | None  # whole-tensor replacements (rare), patched per tensor by deltas_store
+    runs: Runs | None = None  # `index` as runs, when they are long enough to pay (RUN_MIN_MEAN)
 
     @property
     def nbytes(self) -> int:
         dense = self.dense.nbytes if self.dense is not None else 0
         tensors = (self.index, self.values, self.originals, self.patched)
-        return sum(t.nbytes for t in tensors) + dense
+        runs = self.runs.nbytes if self.runs is not None else 0
+        return sum(t.nbytes for t in tensors) + dense + runs
 
 
 def flatten_delta(prepared: PreparedDelta, flat: FlatWeights, base_values: BaseValues) -> FlatDelta | None:
@@ -76,7 +107,9 @@ def flatten_delta(prepared: PreparedDelta, flat: FlatWeights, base_values: BaseV
     originals = base_values(index)
     patched = originals + values  # the canonical arithmetic: one add in the weight dtype
     rest = PreparedDelta(prepared.name, prepared.manifest, dense) if dense else None
-    return FlatDelta(index, values, originals, patched, spans, rest)
+    runs = Runs.of(index)
+    long_runs = runs.count and index.numel() >= RUN_MIN_MEAN * runs.count
+    return FlatDelta(index, values, originals, patched, spans, rest, runs if long_runs else None)
 
 
 def gather_bits(buffer: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -94,12 +127,15 @@ def _checked_index(index: torch.Tensor | None, numel: int) -> torch.Tensor | Non
 
 
 class WriteKernel(Protocol):
-    """Writes `values` at the flat positions `index` of `buffer`, bit for bit (apply and restore alike)."""
+    """Writes `values` at the flat positions `index` of `buffer`, bit for bit (apply and restore alike);
+    `runs`, when given, is the same positions as runs (a kernel may use either)."""
 
     @property
     def name(self) -> str: ...
 
-    def write_(self, buffer: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None: ...
+    def write_(
+        self, buffer: torch.Tensor, index: torch.Tensor, values: torch.Tensor, runs: Runs | None = None
+    ) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -108,7 +144,9 @@ class ScatterBits:
 
     name: str = "scatter"
 
-    def write_(self, buffer: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
+    def write_(
+        self, buffer: torch.Tensor, index: torch.Tensor, values: torch.Tensor, runs: Runs | None = None
+    ) -> None:
         bits = buffer.view(_BITS[buffer.dtype])
         bits.scatter_(0, index, values.view(bits.dtype))
 
@@ -119,7 +157,9 @@ class IndexCopy:
 
     name: str = "index_copy"
 
-    def write_(self, buffer: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
+    def write_(
+        self, buffer: torch.Tensor, index: torch.Tensor, values: torch.Tensor, runs: Runs | None = None
+    ) -> None:
         buffer.index_copy_(0, index, values)
 
 
@@ -129,21 +169,28 @@ class IndexPut:
 
     name: str = "index_put"
 
-    def write_(self, buffer: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
+    def write_(
+        self, buffer: torch.Tensor, index: torch.Tensor, values: torch.Tensor, runs: Runs | None = None
+    ) -> None:
         buffer.index_put_((index,), values)
 
 
 @dataclass(frozen=True)
 class NativeAssign:
-    """deltas_store.native's assign_ on CPU (a raw copy loop that prefetches the weight lines it writes);
-    scatter_ on other devices, or where the native kernels are not built."""
+    """deltas_store.native on CPU: one memcpy per run when the positions come in runs (assign_runs_), else a
+    raw copy loop that prefetches the weight lines it writes (assign_); scatter_ on other devices, or where
+    the native kernels are not built."""
 
     name: str = "native"
 
-    def write_(self, buffer: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
+    def write_(
+        self, buffer: torch.Tensor, index: torch.Tensor, values: torch.Tensor, runs: Runs | None = None
+    ) -> None:
         kernels = native.module() if buffer.device.type == "cpu" else None
         if kernels is None or index.dtype != torch.int64:
             ScatterBits().write_(buffer, index, values)
+        elif runs is not None and hasattr(kernels, "assign_runs_"):  # a prebuilt file may predate it
+            kernels.assign_runs_(buffer, runs.starts, runs.offsets, values)
         else:
             kernels.assign_(buffer, index, values)
 

@@ -119,21 +119,25 @@ class SwapManager:
         return lambda: restore_(saved)
 
     def _patch_flat(self, buffer: torch.Tensor, delta: FlatDelta) -> Callable[[], None]:
-        write = self.kernel.write_
-        write(buffer, delta.index, delta.patched)  # one scatter: the whole model's changes
+        kernel = self.kernel
+
+        def write(values: torch.Tensor) -> None:
+            kernel.write_(buffer, delta.index, values, delta.runs)
+
+        write(delta.patched)  # one scatter: the whole model's changes
         if delta.dense is None:
             self._patched = delta
-            return lambda: write(buffer, delta.index, delta.originals)
+            return lambda: write(delta.originals)
         try:
             dense_saved = apply_delta_(self.weights, delta.dense)
         except BaseException:
-            write(buffer, delta.index, delta.originals)  # never leave half-swapped weights
+            write(delta.originals)  # never leave half-swapped weights
             raise
         self._whole = True  # whole tensors replaced: base_values restores first
 
         def undo() -> None:
             restore_(dense_saved)
-            write(buffer, delta.index, delta.originals)
+            write(delta.originals)
 
         return undo
 

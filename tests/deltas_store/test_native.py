@@ -155,3 +155,40 @@ def test_assign_refuses_out_of_range_or_mismatched_arguments_and_writes_nothing(
         with pytest.raises(RuntimeError, match=message):
             kernels.assign_(dst, index, src)
     assert not dst.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_assign_runs_copies_whole_runs_bit_for_bit(dtype: torch.dtype) -> None:
+    needs_compiler()
+    kernels = native.build()
+    from deltas_store.compression.sparsify import seeded_keep_blocks
+
+    gen = torch.Generator().manual_seed(1)
+    dst = torch.randn(50_000, generator=gen).to(dtype)
+    index = seeded_keep_blocks(50_000, 0.1, 0, "w", 16)
+    begins = torch.ones(index.numel(), dtype=torch.bool)
+    begins[1:] = index[1:] != index[:-1] + 1
+    at = begins.nonzero().squeeze(1)
+    starts, offsets = index[at], torch.cat([at, torch.tensor([index.numel()])])
+    src = torch.randn(index.numel(), generator=gen).to(dtype)
+    expected = dst.clone()
+    expected[index] = src
+    kernels.assign_runs_(dst, starts, offsets, src)
+    width = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    assert torch.equal(dst.view(width), expected.view(width))
+
+
+def test_assign_runs_refuses_bad_runs_and_writes_nothing() -> None:
+    needs_compiler()
+    kernels = native.build()
+    dst = torch.zeros(10)
+    cases = {
+        "out of range": (torch.tensor([8]), torch.tensor([0, 3]), torch.ones(3)),
+        "from 0 to src.numel": (torch.tensor([1]), torch.tensor([0, 2]), torch.ones(3)),
+        "one more entry": (torch.tensor([1, 4]), torch.tensor([0, 2]), torch.ones(2)),
+        "int64": (torch.tensor([1], dtype=torch.int32), torch.tensor([0, 2]), torch.ones(2)),
+    }
+    for message, (starts, offsets, src) in cases.items():
+        with pytest.raises(RuntimeError, match=message):
+            kernels.assign_runs_(dst, starts, offsets, src)
+    assert not dst.any()

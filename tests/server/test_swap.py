@@ -14,7 +14,7 @@ from deltas_store.patching import PatchOp, patched
 from server.engine.model import load_model
 from server.engine.packing import FlatWeights, pack_parameters_
 from server.metrics import ServerMetrics
-from server.routing.flat import WRITE_KERNELS, flatten_delta, gather_bits
+from server.routing.flat import WRITE_KERNELS, Runs, flatten_delta, gather_bits
 from server.routing.patching import SwapManager
 from server.routing.served import serve_delta
 from tests.server.conftest import BASE_ID, PROMPTS, LiveServer, seeded_store
@@ -42,7 +42,54 @@ def random_delta(weights: dict[str, torch.Tensor], density: float, seed: int) ->
     return PreparedDelta("d", None, tuple(ops))  # type: ignore[arg-type]
 
 
+def block_delta(weights: dict[str, torch.Tensor], density: float, seed: int, block: int) -> PreparedDelta:
+    """Like random_delta, but kept positions come in aligned runs of `block` (a --mask-block delta)."""
+    from deltas_store.compression.sparsify import seeded_keep_blocks
+
+    gen = torch.Generator().manual_seed(seed)
+    ops = []
+    for name, w in weights.items():
+        index = seeded_keep_blocks(w.numel(), density, seed, name, block)
+        ops.append(PatchOp(name, index, (torch.randn(index.numel(), generator=gen) * 0.01).to(w.dtype)))
+    return PreparedDelta("d", None, tuple(ops))  # type: ignore[arg-type]
+
+
 SHAPES = {"a": (64, 48), "b": (48,), "c": (32, 64)}
+
+
+def test_runs_describe_the_same_positions() -> None:
+    index = torch.tensor([3, 4, 5, 9, 12, 13, 20], dtype=torch.int64)
+    runs = Runs.of(index)
+    assert runs.starts.tolist() == [3, 9, 12, 20] and runs.offsets.tolist() == [0, 3, 4, 6, 7]
+    expanded = torch.cat(
+        [
+            torch.arange(int(a), int(a) + int(e - b))
+            for a, b, e in zip(runs.starts, runs.offsets, runs.offsets[1:])
+        ]
+    )
+    assert torch.equal(expanded, index)
+    assert Runs.of(torch.empty(0, dtype=torch.int64)).count == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kernel", sorted(WRITE_KERNELS))
+def test_block_masked_deltas_swap_by_runs_bit_exactly(kernel: str, dtype: torch.dtype) -> None:
+    flat, weights = flat_of(SHAPES, dtype)
+    original = flat.buffer.clone()
+    prepared = block_delta(weights, 0.3, seed=2, block=16)
+    delta = flatten_delta(prepared, flat, lambda index: gather_bits(flat.buffer, index))
+    assert delta is not None and delta.runs is not None
+    lengths = delta.runs.offsets.diff()
+    assert bool((lengths % 16 == 0).all())  # runs are whole blocks (adjacent kept blocks join one run)
+    WRITE_KERNELS[kernel].write_(flat.buffer, delta.index, delta.patched, delta.runs)
+    expected = original.clone()
+    expected[delta.index] = original[delta.index] + delta.values
+    assert torch.equal(bits(flat.buffer), bits(expected))
+    WRITE_KERNELS[kernel].write_(flat.buffer, delta.index, delta.originals, delta.runs)
+    assert torch.equal(bits(flat.buffer), bits(original))
+    # an element mask's runs are too short to pay: no runs kept
+    scattered = flatten_delta(random_delta(weights, 0.3, seed=2), flat, lambda i: gather_bits(flat.buffer, i))
+    assert scattered is not None and scattered.runs is None
 
 
 def test_packing_keeps_every_value_and_makes_parameters_views_of_one_buffer() -> None:
