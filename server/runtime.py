@@ -91,6 +91,7 @@ def build_runtime(settings: ServerSettings, metrics: ServerMetrics) -> Runtime:
         retry_after_s=settings.retry_after_s,
         policy=BatchPolicy(settings.batch_mode, max_density=settings.mixed_max_density),
         mixer=mixer,
+        continuous=settings.continuous_batching,
     )
     admin = DeltaAdmin(store, registry, cache, loader, swaps, scheduler)
     scheduler.start()

@@ -52,6 +52,9 @@ class ServerSettings(BaseSettings):
     mixed_max_density: float = Field(
         default=0.05, ge=0, le=1, description="auto: deltas denser than this are never mixed"
     )
+    continuous_batching: bool = Field(
+        default=True, description="queued requests join a running batch between decode steps"
+    )
     swap_mode: Literal["delta", "full"] = Field(
         default="delta",
         description="full = the naive baseline: copy a whole fine-tuned weight set per switch",

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import inspect
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from server.engine.model import LoadedModel
 from server.engine.request import Finished, FinishReason, GenerationRequest
@@ -29,6 +30,11 @@ class RowHooks(Protocol):
 
     def end(self) -> None:
         """The batch is over (also after an error)."""
+
+
+# Continuous batching: called between decode steps with the number of rows still running; returns requests
+# that join the batch now (prefilled on their own, then decoded with the others), or nothing.
+Joiner = Callable[[int], Sequence[GenerationRequest]]
 
 
 @dataclass
@@ -121,38 +127,47 @@ class Engine:
     # --- generation ---
 
     @torch.inference_mode()
-    def generate(self, requests: Sequence[GenerationRequest], hooks: RowHooks | None = None) -> int:
+    def generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        hooks: RowHooks | None = None,
+        join: Joiner | None = None,
+    ) -> int:
         """Run `requests` to completion with the resident weights; returns the number of tokens generated.
 
         Results go to each request's sink. If the model fails, every unfinished request gets the error.
-        `hooks` follow the rows (a mixed batch adds each row's delta on the side).
+        `hooks` follow the rows (a mixed batch adds each row's delta on the side). `join`, when given, is
+        asked between decode steps for requests that join the running batch (continuous batching): they
+        are prefilled on their own, their KV cache is merged into the batch's, and they decode with it.
         """
-        rows = [
-            _Row(r, TextStream(self.decode, r.params.stop), None if r.params.greedy else self._generator(r))
-            for r in requests
-            if not r.cancelled
-        ]
+        everyone = self._rows(requests)  # every row this call served, joined ones included
         try:
             if hooks is None:
-                return self._run(rows, None)
+                return self._run(everyone, None, join)
             try:
-                hooks.begin([row.request for row in rows], self.device)
-                return self._run(rows, hooks)
+                hooks.begin([row.request for row in everyone], self.device)
+                return self._run(everyone, hooks, join)
             finally:
                 hooks.end()  # also after a failed begin: hooks undo whatever they installed
         except Exception as exc:
-            for row in rows:
+            for row in everyone:
                 if not row.done:
                     row.done = True
                     row.request.sink.on_error(exc)
             raise
 
+    def _rows(self, requests: Sequence[GenerationRequest]) -> list[_Row]:
+        return [
+            _Row(r, TextStream(self.decode, r.params.stop), None if r.params.greedy else self._generator(r))
+            for r in requests
+            if not r.cancelled
+        ]
+
     def _generator(self, request: GenerationRequest) -> torch.Generator:
         return make_generator(request.params.seed, self.device)
 
-    def _run(self, rows: list[_Row], hooks: RowHooks | None) -> int:
-        if not rows:
-            return 0
+    def _prefill(self, rows: list[_Row]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DynamicCache]:
+        """Left-padded prompts of `rows` through the model: (logits (B, V), mask, positions, cache)."""
         prompts = [r.request.prompt_ids for r in rows]
         width = max(len(p) for p in prompts)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)  # (B, T) left-padded
@@ -163,33 +178,78 @@ class Engine:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # padding does not shift positions
         cache = DynamicCache(config=self.model.config)
-        logits = self._forward(ids, mask, positions, cache)
+        return self._forward(ids, mask, positions, cache), mask, positions, cache
+
+    def _step(self, rows: list[_Row], logits: torch.Tensor, first: bool) -> tuple[torch.Tensor, int]:
+        """Choose and feed one token per row; returns (tokens (B,), tokens generated)."""
+        tokens = choose_tokens(logits, [r.request.params for r in rows], [r.generator for r in rows])
         total = 0
-        first = True
+        for row, token in zip(rows, tokens.tolist(), strict=True):
+            if first:
+                row.request.sink.on_start()
+            total += self._advance(row, int(token))
+        return tokens, total
+
+    def _run(self, everyone: list[_Row], hooks: RowHooks | None, join: Joiner | None) -> int:
+        rows = list(everyone)
+        if not rows:
+            return 0
+        logits, mask, positions, cache = self._prefill(rows)
+        tokens, total = self._step(rows, logits, first=True)
+        can_join = join is not None and _joinable(cache)
         while True:
-            tokens = choose_tokens(logits, [r.request.params for r in rows], [r.generator for r in rows])
-            for row, token in zip(rows, tokens.tolist(), strict=True):
-                if first:
-                    row.request.sink.on_start()
-                total += self._advance(row, int(token))
-            first = False
             keep = [i for i, r in enumerate(rows) if not r.done]
-            if not keep:
-                return total
             if len(keep) < len(rows):  # drop finished rows from the batch and the cache
-                index = torch.tensor(keep, device=self.device)
+                index = torch.tensor(keep, dtype=torch.long, device=self.device)
                 rows = [rows[i] for i in keep]
                 tokens, mask, positions = tokens[index], mask[index], positions[index]
-                cache.batch_select_indices(index)
-                if hooks is not None:
-                    hooks.select(index)
+                if rows:
+                    cache.batch_select_indices(index)
+                    if hooks is not None:
+                        hooks.select(index)
+            joined = self._rows(join(len(rows))) if can_join and join is not None else []
+            if joined:
+                everyone.extend(joined)
+                new = self._admit(rows, joined, hooks)
+                if new is not None:
+                    new_tokens, new_mask, new_positions, new_cache, generated = new
+                    total += generated
+                    if rows:
+                        mask = _merge_caches_(cache, mask, new_cache, new_mask)
+                        tokens = torch.cat([tokens, new_tokens])
+                        positions = torch.cat([positions[:, -1:], new_positions[:, -1:]])
+                    else:
+                        cache, mask, tokens, positions = new_cache, new_mask, new_tokens, new_positions
+                    rows = rows + joined
+                    continue  # rows that joined may already be done (max_tokens 1, EOS): drop them first
+            if not rows:
+                return total
             mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)  # (B, T+1)
             positions = positions[:, -1:] + 1  # (B, 1)
             logits = self._forward(tokens[:, None], mask, positions, cache)
+            tokens, generated = self._step(rows, logits, first=False)
+            total += generated
+
+    def _admit(
+        self, rows: list[_Row], joined: list[_Row], hooks: RowHooks | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DynamicCache, int] | None:
+        """Prefill rows that join a running batch on their own (the hooks see only them meanwhile), then
+        re-lay the hooks over every row; returns their (first tokens, mask, positions, cache, generated)."""
+        if hooks is not None:
+            hooks.end()
+            hooks.begin([r.request for r in joined], self.device)
+        try:
+            logits, mask, positions, cache = self._prefill(joined)
+        finally:
+            if hooks is not None:
+                hooks.end()
+                hooks.begin([r.request for r in rows + joined], self.device)
+        tokens, generated = self._step(joined, logits, first=True)
+        return tokens, mask, positions, cache, generated
 
     def _forward(
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache
-    ) -> torch.Tensor:
+    ) -> torch.Tensor:  # (B, V) float32 logits of the last position
         out = self.model(
             input_ids=ids,
             attention_mask=mask,
@@ -231,3 +291,33 @@ class Engine:
         row.request.sink.on_finish(
             Finished(row.text.text, reason, len(row.request.prompt_ids), row.generated)
         )
+
+
+def _joinable(cache: DynamicCache) -> bool:
+    """Rows can join a batch whose cache is plain full-attention layers (no sliding window, no state)."""
+    layers = getattr(cache, "layers", None) or []
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+def _merge_caches_(
+    cache: DynamicCache, mask: torch.Tensor, new: DynamicCache, new_mask: torch.Tensor
+) -> torch.Tensor:
+    """Append `new`'s rows to `cache` (in place), left-padding the shorter side's keys and values with
+    masked zeros; returns the merged attention mask (B + B', max(L, L'))."""
+    width = max(mask.shape[1], new_mask.shape[1])
+
+    def pad(t: torch.Tensor, length: int) -> torch.Tensor:  # (B, H, L, D) -> (B, H, length, D), zeros left
+        extra = length - t.shape[-2]
+        return t if extra == 0 else torch.cat([t.new_zeros((*t.shape[:-2], extra, t.shape[-1])), t], dim=-2)
+
+    for layer, other in zip(cache.layers, new.layers, strict=True):
+        assert isinstance(layer, DynamicLayer) and isinstance(other, DynamicLayer)  # _joinable checked
+        assert layer.keys is not None and layer.values is not None
+        assert other.keys is not None and other.values is not None
+        layer.keys = torch.cat([pad(layer.keys, width), pad(other.keys, width)])
+        layer.values = torch.cat([pad(layer.values, width), pad(other.values, width)])
+
+    def pad_mask(m: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m.new_zeros((m.shape[0], width - m.shape[1])), m], dim=1)
+
+    return torch.cat([pad_mask(mask), pad_mask(new_mask)])

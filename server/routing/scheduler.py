@@ -11,7 +11,7 @@ from concurrent.futures import Future
 from typing import TypeVar
 
 from deltas_store import DeltaStoreError
-from server.engine.generator import Engine, RowHooks
+from server.engine.generator import Engine, Joiner, RowHooks
 from server.engine.mixed.layout import MixedDelta
 from server.engine.request import Finished, GenerationRequest
 from server.errors import NotReadyError, QueueFullError, ServerError
@@ -36,6 +36,12 @@ class Scheduler:
     base with each row's delta added on the side. Control calls (an upload's test-apply, a delete's
     restore) run on the worker between batches.
 
+    Continuous batching (`continuous`): between decode steps, queued requests join the running batch up
+    to max_batch_size — requests for the patched-in model join a merged batch while no other model's
+    request is overdue; requests of any mixable model join a mixed batch. A long generation so never
+    holds back requests that could share its forward passes, and never holds an overdue model back for
+    longer than the batch's remaining steps.
+
     Example:
         >>> scheduler.start()  # doctest: +SKIP
         >>> scheduler.submit([request])  # results arrive on request.sink  # doctest: +SKIP
@@ -54,6 +60,7 @@ class Scheduler:
         retry_after_s: int,
         policy: BatchPolicy | None = None,
         mixer: MixerFactory | None = None,
+        continuous: bool = True,
     ) -> None:
         self.engine = engine
         self.swaps = swaps
@@ -65,6 +72,7 @@ class Scheduler:
         self.retry_after_s = retry_after_s
         self.policy = policy if mixer is not None and policy is not None else BatchPolicy("merged")
         self.mixer = mixer
+        self.continuous = continuous
         self._cond = threading.Condition()
         self._queues: dict[str, deque[GenerationRequest]] = {}
         self._control: deque[_Control] = deque()
@@ -197,11 +205,12 @@ class Scheduler:
             return self._current
         return oldest
 
-    def _take_oldest(self, models: list[str]) -> list[GenerationRequest]:
-        """Up to max_batch_size requests of `models`, oldest first (no model waits behind a busy one)."""
+    def _take_oldest(self, models: list[str], limit: int | None = None) -> list[GenerationRequest]:
+        """Up to `limit` (default max_batch_size) requests of `models`, oldest first (no model waits
+        behind a busy one)."""
         batch: list[GenerationRequest] = []
         queues = [self._queues[m] for m in models]
-        while len(batch) < self.max_batch_size:
+        while len(batch) < (self.max_batch_size if limit is None else limit):
             heads = [q for q in queues if q]
             if not heads:
                 break
@@ -227,10 +236,10 @@ class Scheduler:
             self._running_models = {r.model for r in self._running}
             self._cond.notify_all()
 
-    def _take(self, model: str) -> list[GenerationRequest]:
+    def _take(self, model: str, limit: int | None = None) -> list[GenerationRequest]:
         queue = self._queues[model]
         batch: list[GenerationRequest] = []
-        while queue and len(batch) < self.max_batch_size:
+        while queue and len(batch) < (self.max_batch_size if limit is None else limit):
             request = queue.popleft()
             self._queued -= 1
             if request.cancelled:
@@ -258,7 +267,7 @@ class Scheduler:
         self._current = model
         self.metrics.batches.labels(model).inc()
         try:
-            tokens = self.engine.generate(batch)
+            tokens = self.engine.generate(batch, join=self._merged_joiner(model))
         except Exception:  # the engine already sent the error to every unfinished request
             log.exception("batch of %d requests for %s failed", len(batch), model)
             return
@@ -269,26 +278,7 @@ class Scheduler:
         if not batch or self.mixer is None:
             return
         layouts: dict[str, MixedDelta | None] = {}
-        later: list[GenerationRequest] = []
-        for model in dict.fromkeys(r.model for r in batch):
-            rows = [r for r in batch if r.model == model]
-            try:
-                _, served = self.loader.load(model)
-            except _LOAD_ERRORS as exc:
-                log.warning("cannot serve %s: %s", model, exc)
-                for request in rows:
-                    request.sink.on_error(exc)
-                continue
-            if served is None:
-                layouts[model] = None  # the base: no side term
-            elif served.mixed is not None and self.policy.mixable(served.mixed):
-                layouts[model] = served.mixed
-            else:
-                self._unmixable.add(model)  # served merged from now on
-                later.extend(rows)
-        if later:
-            self._requeue(later)
-        run = [r for r in batch if r.model in layouts]
+        run = self._resolve_layouts(batch, layouts)
         if not run:
             return
         try:
@@ -302,11 +292,108 @@ class Scheduler:
             self.metrics.batches.labels(model).inc()
         self.metrics.mixed_batches.inc()
         try:
-            tokens = self.engine.generate(run, hooks=self.mixer(layouts))
+            tokens = self.engine.generate(run, hooks=self.mixer(layouts), join=self._mixed_joiner(layouts))
         except Exception:  # the engine already sent the error to every unfinished request
             log.exception("mixed batch of %d requests over %d models failed", len(run), len(layouts))
             return
         self.metrics.generated_tokens.inc(tokens)
+
+    def _resolve_layouts(
+        self, batch: list[GenerationRequest], layouts: dict[str, MixedDelta | None]
+    ) -> list[GenerationRequest]:
+        """Add each new model of `batch` to `layouts` (None: the base); returns the requests that can run
+        mixed. Requests of a model that fails to load get the error; those of an unmixable one are
+        requeued (served merged from now on)."""
+        later: list[GenerationRequest] = []
+        failed: set[str] = set()
+        for model in dict.fromkeys(r.model for r in batch):
+            if model in layouts:
+                continue
+            rows = [r for r in batch if r.model == model]
+            try:
+                _, served = self.loader.load(model)
+            except _LOAD_ERRORS as exc:
+                log.warning("cannot serve %s: %s", model, exc)
+                for request in rows:
+                    request.sink.on_error(exc)
+                failed.add(model)
+                continue
+            if served is None:
+                layouts[model] = None  # the base: no side term
+            elif served.mixed is not None and self.policy.mixable(served.mixed):
+                layouts[model] = served.mixed
+            else:
+                self._unmixable.add(model)  # served merged from now on
+                later.extend(rows)
+        if later:
+            self._requeue(later)
+        return [r for r in batch if r.model in layouts and r.model not in failed]
+
+    # --- continuous batching: what joins a running batch between decode steps ---
+
+    def _may_join(self) -> bool:
+        """Called with the lock held: no control call waits for the batch to end."""
+        return self.continuous and not self._control
+
+    def _overdue_elsewhere(self, model: str) -> bool:
+        """Some other ready model's oldest request has waited past max_wait_s (lock held)."""
+        now = time.monotonic()
+        return any(
+            m != model
+            and q
+            and now - q[0].enqueued_at >= self.max_wait_s
+            and self.loader.ready(m, self._wake)
+            for m, q in self._queues.items()
+        )
+
+    def _admitted(self, joined: list[GenerationRequest]) -> None:
+        with self._cond:
+            self._running = self._running + joined
+            self._running_models |= {r.model for r in joined}
+
+    def _merged_joiner(self, model: str) -> Joiner:
+        """Requests for the patched-in `model` join its batch while no other model's request is overdue."""
+
+        def join(running: int) -> list[GenerationRequest]:
+            room = self.max_batch_size - running
+            with self._cond:
+                if room <= 0 or not self._may_join() or not self._queues.get(model):
+                    return []
+                if self._overdue_elsewhere(model):
+                    return []
+                joined = self._take(model, room)
+            self._admitted(joined)
+            return joined
+
+        return join
+
+    def _mixed_joiner(self, layouts: dict[str, MixedDelta | None]) -> Joiner:
+        """The oldest requests of any mixable model already read from disk join a mixed batch; `layouts`
+        (which the batch's hooks read) gains their models."""
+
+        def join(running: int) -> list[GenerationRequest]:
+            room = self.max_batch_size - running
+            with self._cond:
+                if room <= 0 or not self._may_join():
+                    return []
+                models = [
+                    m
+                    for m, q in self._queues.items()
+                    if q and m not in self._unmixable and self.loader.ready(m, self._wake)
+                ]
+                if not models:
+                    return []
+                queued = {m: len(self._queues[m]) for m in models}
+                if self.policy.merged_model(self._pick(models), queued, self.max_batch_size, False):
+                    return []  # one model now fills a batch: let this one drain, then serve it merged
+                taken = self._take_oldest(models, room)
+            self._admitted(taken)
+            joined = self._resolve_layouts(taken, layouts)
+            for model in {r.model for r in joined}:
+                self.metrics.batches.labels(model).inc()
+            return joined
+
+        return join
 
 
 def _run_control(fn: Callable[[], object], future: Future[object]) -> None:

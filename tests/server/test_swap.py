@@ -64,7 +64,7 @@ def test_runs_describe_the_same_positions() -> None:
     expanded = torch.cat(
         [
             torch.arange(int(a), int(a) + int(e - b))
-            for a, b, e in zip(runs.starts, runs.offsets, runs.offsets[1:])
+            for a, b, e in zip(runs.starts, runs.offsets[:-1], runs.offsets[1:], strict=True)
         ]
     )
     assert torch.equal(expanded, index)

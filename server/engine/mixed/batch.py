@@ -42,7 +42,8 @@ class MixedBatch:
     Per Linear: ``y = base(x) + x·ΔW_{d(row)}ᵀ``, one grouped sparse matmul for the whole batch (a hook).
     Per embedding: each token's ΔE row added (exact). Per RMSNorm-like module (``weight * g(x)``): for the
     batch's duration the module reads a (B, 1, H) stack of per-row patched weights instead of its own
-    parameter, so each row gets exactly its merged output. The engine calls `begin`, `select`, `end`.
+    parameter, so each row gets exactly its merged output. The engine calls `begin`, `select`, `end`
+    (and `end` + `begin` again when rows join the running batch). `deltas` may gain models meanwhile.
 
     Example:
         >>> batch = MixedBatch(model, uses, {"math": mixed_math, "base": None})  # doctest: +SKIP
@@ -74,7 +75,9 @@ class MixedBatch:
     # --- the engine's row hooks ---
 
     def begin(self, requests: Sequence[GenerationRequest], device: torch.device) -> None:
-        """Lay out the rows (in batch order), install the hooks and the stacked norm weights."""
+        """Lay out the rows (in batch order), install the hooks and the stacked norm weights. After `end`,
+        `begin` may run again with other rows (rows joining a running batch re-lay it)."""
+        self._slots = []
         slot_of: dict[str, int] = {}  # one slot per served model (two names may share one file)
         row_delta: list[int] = []
         for request in requests:

@@ -1,0 +1,141 @@
+"""Continuous batching: queued requests join a running batch between decode steps, and still get the exact
+greedy text `deltaserve apply` gives; an overdue model is never jumped by requests joining another's batch."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from server.engine.request import Finished, GenerationRequest, SamplingParams
+from tests.server.conftest import BASE_ID, MAX_TOKENS, PROMPTS, LiveServer, seeded_store
+
+LONG_TOKENS = 200
+STEP_DELAY_S = 0.01  # the long request's sink slows each of its decode steps: 200 steps >= 2 s
+
+
+class SlowSink:
+    """Records a request's text and end; sleeps per piece of text so its batch runs long enough to join."""
+
+    def __init__(self, delay_s: float = STEP_DELAY_S) -> None:
+        self.delay_s = delay_s
+        self.pieces = 0
+        self.started = threading.Event()  # a few tokens out: the batch is decoding
+        self.done = threading.Event()
+        self.result: Finished | None = None
+        self.error: BaseException | None = None
+
+    def on_start(self) -> None: ...
+
+    def on_text(self, text: str) -> None:
+        self.pieces += 1
+        if self.pieces >= 3:
+            self.started.set()
+        time.sleep(self.delay_s)
+
+    def on_finish(self, result: Finished) -> None:
+        self.result = result
+        self.done.set()
+
+    def on_error(self, error: BaseException) -> None:
+        self.error = error
+        self.done.set()
+
+
+def long_request(server: LiveServer, model: str) -> SlowSink:
+    """Submit a long generation (EOS ignored) for `model` straight to the scheduler; returns its sink."""
+    runtime = server.runtime
+    sink = SlowSink()
+    params = SamplingParams(max_tokens=LONG_TOKENS, temperature=0.0, ignore_eos=True)
+    runtime.scheduler.submit([GenerationRequest(model, runtime.engine.encode_prompt("Once"), params, sink)])
+    assert sink.started.wait(30), "the long request never started decoding"
+    return sink
+
+
+def complete(server: LiveServer, model: str, prompt: str) -> str:
+    with server.client() as c:
+        r = c.post(
+            "/v1/completions",
+            json={"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0},
+        )
+    assert r.status_code == 200, r.text
+    return str(r.json()["choices"][0]["text"])
+
+
+def batches(server: LiveServer, model: str) -> float:
+    return float(server.runtime.metrics.batches.labels(model)._value.get())
+
+
+@pytest.mark.parametrize("continuous", [True, False])
+def test_a_request_joins_the_running_batch_of_its_model(
+    make_server: Callable[..., LiveServer], delta_files: dict[str, Path], tmp_path: Path,
+    references: dict[str, list[str]], continuous: bool,
+) -> None:  # fmt: skip
+    server = make_server(
+        seeded_store(tmp_path / "store", delta_files), batch_mode="merged", continuous_batching=continuous
+    )
+    long = long_request(server, "ft-0")
+    text = complete(server, "ft-0", PROMPTS[1])
+    assert text == references["ft-0"][1]
+    if continuous:
+        assert not long.done.is_set(), "the short request should have joined, not waited for the batch"
+        assert batches(server, "ft-0") == 1  # one batch served both
+    else:
+        assert long.done.is_set(), "without continuous batching a request waits for the running batch"
+        assert batches(server, "ft-0") == 2
+    assert long.done.wait(30) and long.result is not None and long.result.completion_tokens == LONG_TOKENS
+
+
+def test_requests_of_other_models_join_a_mixed_batch_with_their_own_deltas(
+    make_server: Callable[..., LiveServer], delta_files: dict[str, Path], tmp_path: Path,
+    references: dict[str, list[str]],
+) -> None:  # fmt: skip
+    server = make_server(seeded_store(tmp_path / "store", delta_files), batch_mode="mixed", max_batch_size=8)
+    for model in ("ft-1", "ft-2"):  # read from disk up front, so they can join at once
+        server.runtime.scheduler.loader.load(model)
+    long = long_request(server, BASE_ID)  # the batch starts with the base alone: no delta installed yet
+    mixed_before = float(server.runtime.metrics.mixed_batches._value.get())
+    jobs = [("ft-1", 0), ("ft-2", 2), ("ft-1", 3), (BASE_ID, 1)]
+    with_threads: dict[tuple[str, int], str] = {}
+
+    def run(job: tuple[str, int]) -> None:
+        with_threads[job] = complete(server, job[0], PROMPTS[job[1]])
+
+    threads = [threading.Thread(target=run, args=(job,)) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not long.done.is_set(), "the requests should have joined the running mixed batch"
+    for (model, i), text in with_threads.items():
+        assert text == references[model][i], (model, i)
+    assert len(with_threads) == len(jobs)
+    assert float(server.runtime.metrics.mixed_batches._value.get()) == mixed_before  # no new batch
+    assert long.done.wait(30) and long.result is not None and long.result.completion_tokens == LONG_TOKENS
+
+
+def test_an_overdue_model_is_not_jumped_by_requests_joining_another_batch(
+    make_server: Callable[..., LiveServer], delta_files: dict[str, Path], tmp_path: Path,
+    references: dict[str, list[str]],
+) -> None:  # fmt: skip
+    server = make_server(seeded_store(tmp_path / "store", delta_files), batch_mode="merged", max_wait_ms=20.0)
+    server.runtime.scheduler.loader.load("ft-1")
+    long = long_request(server, "ft-0")
+    finished: dict[str, float] = {}
+
+    def run(model: str, i: int) -> None:
+        assert complete(server, model, PROMPTS[i]) == references[model][i]
+        finished[model] = time.monotonic()
+
+    other = threading.Thread(target=run, args=("ft-1", 0))
+    other.start()
+    time.sleep(0.2)  # ft-1's request is now overdue (20 ms), and waits for ft-0's batch to end
+    same = threading.Thread(target=run, args=("ft-0", 2))
+    same.start()
+    other.join(60)
+    same.join(60)
+    assert long.done.is_set() and set(finished) == {"ft-0", "ft-1"}
+    assert finished["ft-1"] < finished["ft-0"], "ft-0's request jumped ahead of an overdue ft-1 request"
