@@ -6,7 +6,12 @@ Servers (uvicorn on loopback, real HTTP, streamed completions), all in this proc
   * naive   — merged batches, and every switch copies a whole fine-tuned weight set (swap_mode=full);
   * merged  — merged batches, a sparse delta hot-swap per switch (batch_mode=merged);
   * mixed   — every batch mixes deltas as side products on the base (batch_mode=mixed);
-  * auto    — the default: merged when one delta dominates the queue, mixed otherwise.
+  * auto    — the default: merged when one delta dominates the queue, mixed otherwise;
+  * auto-static — auto without continuous batching (a request waits for the running batch to end);
+  * base-static — the base alone without continuous batching.
+
+`--lengths varied` draws each request's max_tokens from [max/4, 7·max/4] (the same draws for every mode),
+as real traffic does; `fixed` (the default) gives every request max_tokens.
 
 Scenarios: N deltas, a uniform or Zipf(1.1) request mix over them, C concurrent closed-loop clients. Each
 configuration prints one line `mode=... deltas=N mix=... concurrency=C tokens_per_s=X ratio_to_base=R`
@@ -60,6 +65,8 @@ MODES: dict[str, dict[str, Any]] = {
     "merged": {"batch_mode": "merged"},
     "mixed": {"batch_mode": "mixed"},
     "auto": {"batch_mode": "auto"},
+    "auto-static": {"batch_mode": "auto", "continuous_batching": False},
+    "base-static": {"batch_mode": "merged", "continuous_batching": False},
 }
 
 
@@ -70,7 +77,7 @@ class Scenario:
     concurrency: int
 
     def models(self, mode: str, count: int, rng: random.Random) -> list[str]:
-        if mode == "base":
+        if mode.startswith("base"):
             return [BASE_ID] * count
         names = [f"d{i}" for i in range(self.deltas)]
         weights = [1.0 / (k + 1) ** 1.1 for k in range(self.deltas)] if self.mix == "zipf" else None
@@ -135,10 +142,14 @@ def start(settings: ServerSettings) -> tuple[str, uvicorn.Server, threading.Thre
     raise RuntimeError("server did not become ready")
 
 
-def run(url: str, models: list[str], concurrency: int, max_tokens: int, seed: int) -> dict[str, Any]:
-    """Closed loop: `concurrency` clients stream completions for `models` (one request each) until done."""
+def run(
+    url: str, models: list[str], concurrency: int, max_tokens: int, seed: int, varied: bool = False
+) -> dict[str, Any]:
+    """Closed loop: `concurrency` clients stream completions for `models` (one request each) until done.
+    `varied`: each request's max_tokens is drawn from [max_tokens/4, 7·max_tokens/4]."""
     rng = random.Random(seed)
-    jobs = [(m, rng.choice(PROMPTS)) for m in models]
+    low, high = max(1, max_tokens // 4), max(1, 7 * max_tokens // 4)
+    jobs = [(m, rng.choice(PROMPTS), rng.randint(low, high) if varied else max_tokens) for m in models]
     lock = threading.Lock()
     results: list[tuple[float, float, int]] = []  # (ttft, latency, tokens)
     client = httpx.Client(base_url=url, timeout=600)
@@ -148,8 +159,8 @@ def run(url: str, models: list[str], concurrency: int, max_tokens: int, seed: in
             with lock:
                 if not jobs:
                     return
-                model, prompt = jobs.pop()
-            body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                model, prompt, limit = jobs.pop()
+            body = {"model": model, "prompt": prompt, "max_tokens": limit, "temperature": 0,
                     "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
             t0 = time.perf_counter()
             ttft, tokens = None, 0
@@ -236,6 +247,9 @@ def main() -> int:
         "--distinct", type=int, default=8, help="distinct compressed fine-tunes behind the names"
     )
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per configuration")
+    parser.add_argument(
+        "--lengths", choices=["fixed", "varied"], default="fixed", help="max_tokens per request (see above)"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.threads:
@@ -275,7 +289,7 @@ def main() -> int:
         raw: dict[tuple[str, Scenario], list[dict[str, Any]]] = {(m, s): [] for m in modes for s in scenarios}
         try:
             for mode, (url, _, _) in servers.items():  # warm-up: load and cache every delta once
-                warm = [BASE_ID] * 8 if mode == "base" else [f"d{i}" for i in range(n_max)]
+                warm = [BASE_ID] * 8 if mode.startswith("base") else [f"d{i}" for i in range(n_max)]
                 run(url, warm, 8, 2, 0)
             for r in range(rounds):  # interleaved: machine load drifts over every mode alike
                 for scenario in scenarios:
@@ -284,7 +298,14 @@ def main() -> int:
                             mode, requests // rounds, random.Random(1000 * r + scenario.deltas)
                         )
                         raw[(mode, scenario)].append(
-                            run(url, models, scenario.concurrency, max_tokens, seed=r)
+                            run(
+                                url,
+                                models,
+                                scenario.concurrency,
+                                max_tokens,
+                                seed=r,
+                                varied=args.lengths == "varied",
+                            )
                         )
         finally:
             for _, server, thread in servers.values():
@@ -298,7 +319,7 @@ def main() -> int:
                   for run in runs]  # fmt: skip
         base_tps = summarize(pooled)["tokens_per_s"] if pooled else float("nan")
         for mode in modes:
-            s = {"mode": mode, "deltas": 0 if mode == "base" else scenario.deltas, "mix": scenario.mix,
+            s = {"mode": mode, "deltas": 0 if mode.startswith("base") else scenario.deltas, "mix": scenario.mix,
                  "concurrency": scenario.concurrency, **summarize(raw[(mode, scenario)])}  # fmt: skip
             s["ratio_to_base"] = s["tokens_per_s"] / base_tps
             rows.append(s)
@@ -306,7 +327,7 @@ def main() -> int:
                   f"tokens_per_s={s['tokens_per_s']:.1f} ratio_to_base={s['ratio_to_base']:.2f}", flush=True)  # fmt: skip
     meta = {
         "model": kind, "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
-        "requests_per_config": requests, "rounds": rounds, "max_tokens": max_tokens,
+        "requests_per_config": requests, "rounds": rounds, "max_tokens": max_tokens, "lengths": args.lengths,
         "max_batch_size": args.max_batch_size, "drop_rate": args.drop_rate, "distinct_finetunes": args.distinct,
         "peak_rss_bytes": peak_rss_bytes(), "torch": torch.__version__, "python": platform.python_version(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -321,10 +342,12 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"# deltaserve serving benchmark ({meta['model']} model, {meta['cuda'] or 'cpu'}, {meta['threads']} threads)",
         "",
         f"{meta['requests_per_config']} streamed requests per configuration in {meta['rounds']} interleaved rounds, "
-        f"{meta['max_tokens']} tokens each (greedy, ignore_eos), max batch {meta['max_batch_size']}; DARE deltas at "
+        f"{meta['max_tokens']} tokens each ({'drawn from [max/4, 7·max/4], ' if meta.get('lengths') == 'varied' else ''}"
+        f"greedy, ignore_eos), max batch {meta['max_batch_size']}; DARE deltas at "
         f"drop rate {meta['drop_rate']} ({meta['distinct_finetunes']} distinct fine-tunes behind the names). "
         "`ratio` = tokens/s over the base-only server at the same concurrency (its runs pooled over the "
-        "scenarios: the base workload does not depend on N or the mix). `swaps/req` counts a delta swap's apply "
+        "scenarios: the base workload does not depend on N or the mix; `base` uses continuous batching, as every "
+        "mode but the `-static` ones does). `swaps/req` counts a delta swap's apply "
         "and restore separately, the naive server's full copy once. Peak RSS of the whole run "
         f"(all servers in one process): {meta['peak_rss_bytes'] / 2**20:.0f} MiB.",
         "",

@@ -38,9 +38,11 @@ class Scheduler:
 
     Continuous batching (`continuous`): between decode steps, queued requests join the running batch up
     to max_batch_size — requests for the patched-in model join a merged batch while no other model's
-    request is overdue; requests of any mixable model join a mixed batch. A long generation so never
-    holds back requests that could share its forward passes, and never holds an overdue model back for
-    longer than the batch's remaining steps.
+    request is overdue; requests of any mixable model join a mixed batch. Joining costs a prefill pass of
+    its own, so requests join in groups: once enough wait to fill a quarter of a batch (or all the room
+    left), or once the oldest has waited max_wait_s. A long generation so never holds back requests that
+    could share its forward passes, and never holds an overdue model back for longer than the batch's
+    remaining steps.
 
     Example:
         >>> scheduler.start()  # doctest: +SKIP
@@ -335,6 +337,14 @@ class Scheduler:
         """Called with the lock held: no control call waits for the batch to end."""
         return self.continuous and not self._control
 
+    def _worth_joining(self, queues: list[deque[GenerationRequest]], room: int) -> bool:
+        """Enough requests wait to be worth a prefill pass of their own, or one has waited long enough."""
+        waiting = sum(len(q) for q in queues)
+        if waiting >= min(room, max(1, self.max_batch_size // 4)):
+            return True
+        oldest = min((q[0].enqueued_at for q in queues if q), default=None)
+        return oldest is not None and time.monotonic() - oldest >= self.max_wait_s
+
     def _overdue_elsewhere(self, model: str) -> bool:
         """Some other ready model's oldest request has waited past max_wait_s (lock held)."""
         now = time.monotonic()
@@ -357,9 +367,10 @@ class Scheduler:
         def join(running: int) -> list[GenerationRequest]:
             room = self.max_batch_size - running
             with self._cond:
-                if room <= 0 or not self._may_join() or not self._queues.get(model):
+                queue = self._queues.get(model)
+                if room <= 0 or not self._may_join() or not queue:
                     return []
-                if self._overdue_elsewhere(model):
+                if not self._worth_joining([queue], room) or self._overdue_elsewhere(model):
                     return []
                 joined = self._take(model, room)
             self._admitted(joined)
@@ -381,7 +392,7 @@ class Scheduler:
                     for m, q in self._queues.items()
                     if q and m not in self._unmixable and self.loader.ready(m, self._wake)
                 ]
-                if not models:
+                if not models or not self._worth_joining([self._queues[m] for m in models], room):
                     return []
                 queued = {m: len(self._queues[m]) for m in models}
                 if self.policy.merged_model(self._pick(models), queued, self.max_batch_size, False):
