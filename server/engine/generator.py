@@ -32,9 +32,21 @@ class RowHooks(Protocol):
         """The batch is over (also after an error)."""
 
 
-# Continuous batching: called between decode steps with the number of rows still running; returns requests
-# that join the batch now (prefilled on their own, then decoded with the others), or nothing.
-Joiner = Callable[[int], Sequence[GenerationRequest]]
+@dataclass(frozen=True)
+class Admission:
+    """What joins a running batch between two decode steps (continuous batching).
+
+    `requests` are prefilled on their own, then decode with the others. `hooks`, when given, replace the
+    batch's hooks from this step on, for every row: the scheduler turned a merged batch into a mixed one
+    (restored the base weights; each row's delta is now a side term), so rows of other models can join.
+    """
+
+    requests: Sequence[GenerationRequest] = ()
+    hooks: RowHooks | None = None
+
+
+# Called between decode steps with the number of rows still running.
+Joiner = Callable[[int], Admission]
 
 
 @dataclass
@@ -141,14 +153,16 @@ class Engine:
         are prefilled on their own, their KV cache is merged into the batch's, and they decode with it.
         """
         everyone = self._rows(requests)  # every row this call served, joined ones included
+        current: list[RowHooks] = []  # the hooks installed now (a join may replace them)
         try:
-            if hooks is None:
-                return self._run(everyone, None, join)
             try:
-                hooks.begin([row.request for row in everyone], self.device)
-                return self._run(everyone, hooks, join)
+                if hooks is not None:
+                    current.append(hooks)
+                    hooks.begin([row.request for row in everyone], self.device)
+                return self._run(everyone, current, join)
             finally:
-                hooks.end()  # also after a failed begin: hooks undo whatever they installed
+                for installed in current:
+                    installed.end()  # also after a failed begin: hooks undo whatever they installed
         except Exception as exc:
             for row in everyone:
                 if not row.done:
@@ -190,7 +204,7 @@ class Engine:
             total += self._advance(row, int(token))
         return tokens, total
 
-    def _run(self, everyone: list[_Row], hooks: RowHooks | None, join: Joiner | None) -> int:
+    def _run(self, everyone: list[_Row], current: list[RowHooks], join: Joiner | None) -> int:
         rows = list(everyone)
         if not rows:
             return 0
@@ -205,23 +219,27 @@ class Engine:
                 tokens, mask, positions = tokens[index], mask[index], positions[index]
                 if rows:
                     cache.batch_select_indices(index)
-                    if hooks is not None:
+                    for hooks in current:
                         hooks.select(index)
-            joined = self._rows(join(len(rows))) if can_join and join is not None else []
+            admission = join(len(rows)) if can_join and join is not None else Admission()
+            if admission.hooks is not None:  # from now on every row runs under the new hooks
+                for hooks in current:
+                    hooks.end()
+                current[:] = [admission.hooks]
+                admission.hooks.begin([r.request for r in rows], self.device)
+            joined = self._rows(admission.requests)
             if joined:
                 everyone.extend(joined)
-                new = self._admit(rows, joined, hooks)
-                if new is not None:
-                    new_tokens, new_mask, new_positions, new_cache, generated = new
-                    total += generated
-                    if rows:
-                        mask = _merge_caches_(cache, mask, new_cache, new_mask)
-                        tokens = torch.cat([tokens, new_tokens])
-                        positions = torch.cat([positions[:, -1:], new_positions[:, -1:]])
-                    else:
-                        cache, mask, tokens, positions = new_cache, new_mask, new_tokens, new_positions
-                    rows = rows + joined
-                    continue  # rows that joined may already be done (max_tokens 1, EOS): drop them first
+                new_tokens, new_mask, new_positions, new_cache, generated = self._admit(rows, joined, current)
+                total += generated
+                if rows:
+                    mask = _merge_caches_(cache, mask, new_cache, new_mask)
+                    tokens = torch.cat([tokens, new_tokens])
+                    positions = torch.cat([positions[:, -1:], new_positions[:, -1:]])
+                else:
+                    cache, mask, tokens, positions = new_cache, new_mask, new_tokens, new_positions
+                rows = rows + joined
+                continue  # rows that joined may already be done (max_tokens 1, EOS): drop them first
             if not rows:
                 return total
             mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)  # (B, T+1)
@@ -231,17 +249,17 @@ class Engine:
             total += generated
 
     def _admit(
-        self, rows: list[_Row], joined: list[_Row], hooks: RowHooks | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DynamicCache, int] | None:
+        self, rows: list[_Row], joined: list[_Row], current: list[RowHooks]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DynamicCache, int]:
         """Prefill rows that join a running batch on their own (the hooks see only them meanwhile), then
         re-lay the hooks over every row; returns their (first tokens, mask, positions, cache, generated)."""
-        if hooks is not None:
+        for hooks in current:
             hooks.end()
             hooks.begin([r.request for r in joined], self.device)
         try:
             logits, mask, positions, cache = self._prefill(joined)
         finally:
-            if hooks is not None:
+            for hooks in current:
                 hooks.end()
                 hooks.begin([r.request for r in rows + joined], self.device)
         tokens, generated = self._step(joined, logits, first=True)

@@ -11,7 +11,7 @@ from concurrent.futures import Future
 from typing import TypeVar
 
 from deltas_store import DeltaStoreError
-from server.engine.generator import Engine, Joiner, RowHooks
+from server.engine.generator import Admission, Engine, Joiner, RowHooks
 from server.engine.mixed.layout import MixedDelta
 from server.engine.request import Finished, GenerationRequest
 from server.errors import NotReadyError, QueueFullError, ServerError
@@ -19,6 +19,7 @@ from server.metrics import ServerMetrics
 from server.routing.loading import DeltaLoader
 from server.routing.patching import SwapManager
 from server.routing.policy import BatchPolicy
+from server.routing.served import ServedDelta
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -269,7 +270,7 @@ class Scheduler:
         self._current = model
         self.metrics.batches.labels(model).inc()
         try:
-            tokens = self.engine.generate(batch, join=self._merged_joiner(model))
+            tokens = self.engine.generate(batch, join=self._merged_joiner(model, served))
         except Exception:  # the engine already sent the error to every unfinished request
             log.exception("batch of %d requests for %s failed", len(batch), model)
             return
@@ -361,48 +362,82 @@ class Scheduler:
             self._running = self._running + joined
             self._running_models |= {r.model for r in joined}
 
-    def _merged_joiner(self, model: str) -> Joiner:
-        """Requests for the patched-in `model` join its batch while no other model's request is overdue."""
+    def _merged_joiner(self, model: str, served: ServedDelta | None) -> Joiner:
+        """Requests for the patched-in `model` join its batch while no other model's request is overdue.
 
-        def join(running: int) -> list[GenerationRequest]:
+        `auto` goes further: once enough requests of other mixable models wait (and `model` does not fill
+        a batch on its own), the running batch turns mixed at this step — the base weights are restored,
+        every row's delta becomes a side term (the rows' KV caches stay valid: the same function), and the
+        waiting requests join. A merged batch so never shuts other models out until it ends.
+        """
+        mixed: list[Joiner] = []  # set once the batch turned mixed
+
+        def join(running: int) -> Admission:
+            if mixed:
+                return mixed[0](running)
             room = self.max_batch_size - running
             with self._cond:
-                queue = self._queues.get(model)
-                if room <= 0 or not self._may_join() or not queue:
-                    return []
-                if not self._worth_joining([queue], room) or self._overdue_elsewhere(model):
-                    return []
-                joined = self._take(model, room)
-            self._admitted(joined)
-            return joined
+                if room <= 0 or not self._may_join():
+                    return Admission()
+                if not self._should_turn_mixed(model, served, room):
+                    queue = self._queues.get(model)
+                    if not queue or not self._worth_joining([queue], room) or self._overdue_elsewhere(model):
+                        return Admission()
+                    joined = self._take(model, room)
+                    self._running_models.add(model)
+                    self._running = self._running + joined
+                    return Admission(joined)
+            assert self.mixer is not None  # _should_turn_mixed checked it
+            layouts: dict[str, MixedDelta | None] = {model: served.mixed if served is not None else None}
+            self.swaps.deactivate()  # between two decode steps, on the worker: the weights are ours
+            self._current = None
+            self.metrics.mixed_batches.inc()
+            mixed.append(self._mixed_joiner(layouts))
+            return Admission(mixed[0](running).requests, hooks=self.mixer(layouts))
 
         return join
+
+    def _should_turn_mixed(self, model: str, served: ServedDelta | None, room: int) -> bool:
+        """Lock held: `auto`, `model` can run mixed, and other mixable models wait enough to join."""
+        if self.policy.mode != "auto" or self.mixer is None or model in self._unmixable:
+            return False
+        if served is not None and (served.mixed is None or not self.policy.mixable(served.mixed)):
+            return False
+        others = [
+            m
+            for m, q in self._queues.items()
+            if q and m != model and m not in self._unmixable and self.loader.ready(m, self._wake)
+        ]
+        if not others or not self._worth_joining([self._queues[m] for m in others], room):
+            return False
+        queued = {m: len(self._queues[m]) for m in others} | {model: len(self._queues.get(model, ()))}
+        return self.policy.merged_model(model, queued, self.max_batch_size, False) is None
 
     def _mixed_joiner(self, layouts: dict[str, MixedDelta | None]) -> Joiner:
         """The oldest requests of any mixable model already read from disk join a mixed batch; `layouts`
         (which the batch's hooks read) gains their models."""
 
-        def join(running: int) -> list[GenerationRequest]:
+        def join(running: int) -> Admission:
             room = self.max_batch_size - running
             with self._cond:
                 if room <= 0 or not self._may_join():
-                    return []
+                    return Admission()
                 models = [
                     m
                     for m, q in self._queues.items()
                     if q and m not in self._unmixable and self.loader.ready(m, self._wake)
                 ]
                 if not models or not self._worth_joining([self._queues[m] for m in models], room):
-                    return []
+                    return Admission()
                 queued = {m: len(self._queues[m]) for m in models}
                 if self.policy.merged_model(self._pick(models), queued, self.max_batch_size, False):
-                    return []  # one model now fills a batch: let this one drain, then serve it merged
+                    return Admission()  # one model now fills a batch: let this one drain, then merge it
                 taken = self._take_oldest(models, room)
             self._admitted(taken)
             joined = self._resolve_layouts(taken, layouts)
             for model in {r.model for r in joined}:
                 self.metrics.batches.labels(model).inc()
-            return joined
+            return Admission(joined)
 
         return join
 

@@ -14,16 +14,16 @@ from server.engine.request import Finished, GenerationRequest, SamplingParams
 from tests.server.conftest import BASE_ID, MAX_TOKENS, PROMPTS, LiveServer, seeded_store
 
 LONG_TOKENS = 200
-STEP_DELAY_S = 0.01  # the long request's sink slows each of its decode steps: 200 steps >= 2 s
 
 
-class SlowSink:
-    """Records a request's text and end; sleeps per piece of text so its batch runs long enough to join."""
+class HeldSink:
+    """A long request's sink that holds the worker mid-batch (inside its third piece of text) until
+    `release`, so the test can queue requests while the batch is decoding, deterministically."""
 
-    def __init__(self, delay_s: float = STEP_DELAY_S) -> None:
-        self.delay_s = delay_s
+    def __init__(self) -> None:
         self.pieces = 0
-        self.started = threading.Event()  # a few tokens out: the batch is decoding
+        self.started = threading.Event()  # the batch is decoding, and the worker is held
+        self.release = threading.Event()
         self.done = threading.Event()
         self.result: Finished | None = None
         self.error: BaseException | None = None
@@ -32,9 +32,9 @@ class SlowSink:
 
     def on_text(self, text: str) -> None:
         self.pieces += 1
-        if self.pieces >= 3:
+        if self.pieces == 3:
             self.started.set()
-        time.sleep(self.delay_s)
+            self.release.wait(30)
 
     def on_finish(self, result: Finished) -> None:
         self.result = result
@@ -45,14 +45,24 @@ class SlowSink:
         self.done.set()
 
 
-def long_request(server: LiveServer, model: str) -> SlowSink:
-    """Submit a long generation (EOS ignored) for `model` straight to the scheduler; returns its sink."""
+def long_request(server: LiveServer, model: str) -> HeldSink:
+    """Submit a long generation (EOS ignored) for `model` straight to the scheduler; returns once its
+    batch decodes, with the worker held until the sink's `release`."""
     runtime = server.runtime
-    sink = SlowSink()
+    sink = HeldSink()
     params = SamplingParams(max_tokens=LONG_TOKENS, temperature=0.0, ignore_eos=True)
     runtime.scheduler.submit([GenerationRequest(model, runtime.engine.encode_prompt("Once"), params, sink)])
     assert sink.started.wait(30), "the long request never started decoding"
     return sink
+
+
+def release_when_queued(server: LiveServer, long: HeldSink, count: int) -> None:
+    """Let the held batch go on once `count` requests are queued."""
+    deadline = time.monotonic() + 30
+    while server.runtime.scheduler.queued() < count and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert server.runtime.scheduler.queued() == count
+    long.release.set()
 
 
 def complete(server: LiveServer, model: str, prompt: str) -> str:
@@ -78,8 +88,12 @@ def test_a_request_joins_the_running_batch_of_its_model(
         seeded_store(tmp_path / "store", delta_files), batch_mode="merged", continuous_batching=continuous
     )
     long = long_request(server, "ft-0")
-    text = complete(server, "ft-0", PROMPTS[1])
-    assert text == references["ft-0"][1]
+    texts: list[str] = []
+    short = threading.Thread(target=lambda: texts.append(complete(server, "ft-0", PROMPTS[1])))
+    short.start()
+    release_when_queued(server, long, 1)
+    short.join(60)
+    assert texts == [references["ft-0"][1]]
     if continuous:
         assert not long.done.is_set(), "the short request should have joined, not waited for the batch"
         assert batches(server, "ft-0") == 1  # one batch served both
@@ -107,6 +121,7 @@ def test_requests_of_other_models_join_a_mixed_batch_with_their_own_deltas(
     threads = [threading.Thread(target=run, args=(job,)) for job in jobs]
     for t in threads:
         t.start()
+    release_when_queued(server, long, len(jobs))
     for t in threads:
         t.join(60)
     assert not long.done.is_set(), "the requests should have joined the running mixed batch"
@@ -117,12 +132,53 @@ def test_requests_of_other_models_join_a_mixed_batch_with_their_own_deltas(
     assert long.done.wait(30) and long.result is not None and long.result.completion_tokens == LONG_TOKENS
 
 
+@pytest.mark.parametrize("mixable", [True, False])
+def test_auto_turns_a_running_merged_batch_mixed_so_other_models_join(
+    make_server: Callable[..., LiveServer], delta_files: dict[str, Path], tmp_path: Path,
+    references: dict[str, list[str]], mixable: bool,
+) -> None:  # fmt: skip
+    # The test deltas keep half their entries: mixable only when auto's density limit allows it.
+    server = make_server(
+        seeded_store(tmp_path / "store", delta_files), batch_mode="auto", max_batch_size=8,
+        mixed_max_density=1.0 if mixable else 0.05,
+    )  # fmt: skip
+    runtime = server.runtime
+    for model in ("ft-1", "ft-2"):
+        runtime.scheduler.loader.load(model)
+    mixed_before = float(runtime.metrics.mixed_batches._value.get())
+    long = long_request(server, "ft-0")  # alone in the queue: served merged, ft-0 patched in
+    assert runtime.swaps.active is not None and runtime.swaps.active[0] == "ft-0"
+    assert float(runtime.metrics.mixed_batches._value.get()) == mixed_before
+    jobs = [("ft-1", 0), ("ft-2", 2), (BASE_ID, 1)]
+    texts: dict[tuple[str, int], str] = {}
+
+    def run(job: tuple[str, int]) -> None:
+        texts[job] = complete(server, job[0], PROMPTS[job[1]])
+
+    threads = [threading.Thread(target=run, args=(job,)) for job in jobs]
+    for t in threads:
+        t.start()
+    release_when_queued(server, long, len(jobs))
+    for t in threads:
+        t.join(60)
+    assert {job: texts.get(job) for job in jobs} == {(m, i): references[m][i] for m, i in jobs}
+    if not mixable:  # the running batch stays merged: the other models waited for it to end
+        assert long.done.is_set()
+        return
+    assert not long.done.is_set(), (
+        f"the others should have joined the running batch ({long.error!r}, {long.result})"
+    )
+    assert float(runtime.metrics.mixed_batches._value.get()) == mixed_before + 1  # the batch turned mixed
+    assert runtime.swaps.active is None  # ... on the restored base weights
+    assert long.done.wait(30) and long.result is not None and long.result.completion_tokens == LONG_TOKENS
+
+
 def test_an_overdue_model_is_not_jumped_by_requests_joining_another_batch(
     make_server: Callable[..., LiveServer], delta_files: dict[str, Path], tmp_path: Path,
     references: dict[str, list[str]],
 ) -> None:  # fmt: skip
     server = make_server(seeded_store(tmp_path / "store", delta_files), batch_mode="merged", max_wait_ms=20.0)
-    server.runtime.scheduler.loader.load("ft-1")
+    server.runtime.scheduler.loader.load("ft-1")  # merged mode: the running batch never turns mixed
     long = long_request(server, "ft-0")
     finished: dict[str, float] = {}
 
@@ -132,9 +188,13 @@ def test_an_overdue_model_is_not_jumped_by_requests_joining_another_batch(
 
     other = threading.Thread(target=run, args=("ft-1", 0))
     other.start()
-    time.sleep(0.2)  # ft-1's request is now overdue (20 ms), and waits for ft-0's batch to end
+    deadline = time.monotonic() + 30
+    while server.runtime.scheduler.queued() < 1 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.1)  # ft-1's request is now overdue (20 ms), and waits for ft-0's batch to end
     same = threading.Thread(target=run, args=("ft-0", 2))
     same.start()
+    release_when_queued(server, long, 2)
     other.join(60)
     same.join(60)
     assert long.done.is_set() and set(finished) == {"ft-0", "ft-1"}
