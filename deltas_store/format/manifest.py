@@ -23,6 +23,13 @@ MANIFEST_DIGEST_KEY = "deltaserve.manifest_sha256"
 Encoding = Literal["seeded", "seeded_blocks", "varint_gaps", "indices_i32", "columns", "rows", "dense"]
 
 
+def _omit_none(data: dict[str, Any], key: str) -> dict[str, Any]:
+    """Leave an optional field out of the JSON while unset, so files without it keep their exact bytes."""
+    if data.get(key, 0) is None:
+        del data[key]
+    return data
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -44,10 +51,7 @@ class ParamEntry(_Frozen):
 
     @model_serializer(mode="wrap")
     def _omit_unset_block(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data: dict[str, Any] = handler(self)
-        if data.get("block", 0) is None:
-            del data["block"]
-        return data
+        return _omit_none(handler(self), "block")
 
 
 class BaseInfo(_Frozen):
@@ -107,10 +111,7 @@ class Manifest(_Frozen):
 
     @model_serializer(mode="wrap")
     def _omit_unset_auto(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data: dict[str, Any] = handler(self)
-        if data.get("auto", 0) is None:
-            del data["auto"]
-        return data
+        return _omit_none(handler(self), "auto")
 
     @property
     def density(self) -> float:

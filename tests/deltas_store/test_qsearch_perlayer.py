@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from deltas_store.compression.perlayer import RowSums, layer_q, per_tensor_q, phi, row_q
-from deltas_store.compression.pipeline import CompressOptions, compress
+from deltas_store.compression.pipeline import CompressOptions, CompressResult, compress
 from deltas_store.format.io import manifest_summary
 
 
@@ -65,20 +65,26 @@ def test_abs_variant_gives_negative_rows_the_interior_optimum_the_spec_saturates
     assert float(absolute[0]) == float(absolute[1]) == float(signed[0])
 
 
+def _compress_at_eta(base: Path, finetuned: Path, out: Path, q_mode: str) -> CompressResult:
+    """p = 0.99 with η fixed at 0.5 and small calibration batches."""
+    options = CompressOptions(
+        base,
+        finetuned,
+        out,
+        drop_rate=0.99,
+        q_mode=q_mode,
+        eta=0.5,
+        calibration_samples=2,
+        calibration_tokens=16,
+    )
+    return compress(options)
+
+
 def test_per_layer_abs_q_mode_compresses_and_records_its_mode(
     tiny_bert_dir: Path, tiny_bert_classifier_dir: Path, tmp_path: Path
 ) -> None:
-    r = compress(
-        CompressOptions(
-            tiny_bert_dir,
-            tiny_bert_classifier_dir,
-            tmp_path / "abs.safetensors",
-            drop_rate=0.99,
-            q_mode="per-layer-abs",
-            eta=0.5,
-            calibration_samples=2,
-            calibration_tokens=16,
-        )
+    r = _compress_at_eta(
+        tiny_bert_dir, tiny_bert_classifier_dir, tmp_path / "abs.safetensors", "per-layer-abs"
     )
     c = r.manifest.calibration
     assert c is not None and c.details["q_mode"] == "per-layer-abs" and c.details["eta"] == 0.5
@@ -135,18 +141,7 @@ def test_per_layer_compress_records_q_per_tensor(
 def test_best_q_mode_compares_global_and_per_layer(
     tiny_bert_dir: Path, tiny_bert_classifier_dir: Path, tmp_path: Path
 ) -> None:
-    r = compress(
-        CompressOptions(
-            tiny_bert_dir,
-            tiny_bert_classifier_dir,
-            tmp_path / "b.safetensors",
-            drop_rate=0.99,
-            q_mode="best",
-            eta=0.5,
-            calibration_samples=2,
-            calibration_tokens=16,
-        )
-    )
+    r = _compress_at_eta(tiny_bert_dir, tiny_bert_classifier_dir, tmp_path / "b.safetensors", "best")
     c = r.manifest.calibration
     assert c is not None and set(c.details["compared"]) == {"global", "per-layer"}
     assert c.score == min(c.details["compared"].values())

@@ -75,6 +75,25 @@ def complete(server: LiveServer, model: str, prompt: str) -> str:
     return str(r.json()["choices"][0]["text"])
 
 
+def complete_while_held(
+    server: LiveServer, long: HeldSink, jobs: list[tuple[str, int]]
+) -> dict[tuple[str, int], str]:
+    """Post every (model, prompt index) job at once while the long batch is held, release it once all
+    are queued; returns each job's text."""
+    texts: dict[tuple[str, int], str] = {}
+
+    def run(job: tuple[str, int]) -> None:
+        texts[job] = complete(server, job[0], PROMPTS[job[1]])
+
+    threads = [threading.Thread(target=run, args=(job,)) for job in jobs]
+    for t in threads:
+        t.start()
+    release_when_queued(server, long, len(jobs))
+    for t in threads:
+        t.join(60)
+    return texts
+
+
 def batches(server: LiveServer, model: str) -> float:
     return float(server.runtime.metrics.batches.labels(model)._value.get())
 
@@ -113,21 +132,9 @@ def test_requests_of_other_models_join_a_mixed_batch_with_their_own_deltas(
     long = long_request(server, BASE_ID)  # the batch starts with the base alone: no delta installed yet
     mixed_before = float(server.runtime.metrics.mixed_batches._value.get())
     jobs = [("ft-1", 0), ("ft-2", 2), ("ft-1", 3), (BASE_ID, 1)]
-    with_threads: dict[tuple[str, int], str] = {}
-
-    def run(job: tuple[str, int]) -> None:
-        with_threads[job] = complete(server, job[0], PROMPTS[job[1]])
-
-    threads = [threading.Thread(target=run, args=(job,)) for job in jobs]
-    for t in threads:
-        t.start()
-    release_when_queued(server, long, len(jobs))
-    for t in threads:
-        t.join(60)
+    texts = complete_while_held(server, long, jobs)
     assert not long.done.is_set(), "the requests should have joined the running mixed batch"
-    for (model, i), text in with_threads.items():
-        assert text == references[model][i], (model, i)
-    assert len(with_threads) == len(jobs)
+    assert {job: texts.get(job) for job in jobs} == {(m, i): references[m][i] for m, i in jobs}
     assert float(server.runtime.metrics.mixed_batches._value.get()) == mixed_before  # no new batch
     assert long.done.wait(30) and long.result is not None and long.result.completion_tokens == LONG_TOKENS
 
@@ -150,17 +157,7 @@ def test_auto_turns_a_running_merged_batch_mixed_so_other_models_join(
     assert runtime.swaps.active is not None and runtime.swaps.active[0] == "ft-0"
     assert float(runtime.metrics.mixed_batches._value.get()) == mixed_before
     jobs = [("ft-1", 0), ("ft-2", 2), (BASE_ID, 1)]
-    texts: dict[tuple[str, int], str] = {}
-
-    def run(job: tuple[str, int]) -> None:
-        texts[job] = complete(server, job[0], PROMPTS[job[1]])
-
-    threads = [threading.Thread(target=run, args=(job,)) for job in jobs]
-    for t in threads:
-        t.start()
-    release_when_queued(server, long, len(jobs))
-    for t in threads:
-        t.join(60)
+    texts = complete_while_held(server, long, jobs)
     assert {job: texts.get(job) for job in jobs} == {(m, i): references[m][i] for m, i in jobs}
     if not mixable:  # the running batch stays merged: the other models waited for it to end
         assert long.done.is_set()
