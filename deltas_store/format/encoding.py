@@ -11,7 +11,6 @@ from deltas_store.compression.sparsify import (
     as_rows_cols,
     lines_to_flat,
     seeded_keep_blocks,
-    seeded_keep_indices,
 )
 from deltas_store.errors import DeltaFormatError
 
@@ -94,24 +93,16 @@ def decode_indices_i32(data: torch.Tensor, count: int, numel: int) -> torch.Tens
     return indices
 
 
-def regenerate_seeded(count: int, numel: int, density: float, seed: int, tensor_name: str) -> torch.Tensor:
-    """The mask a seeded delta was pruned with; its size must match the stored value count."""
-    indices = seeded_keep_indices(numel, density, seed, tensor_name)
-    if indices.numel() != count:
-        raise DeltaFormatError(
-            f"{tensor_name}: the seeded mask keeps {indices.numel()} values, the file holds {count}"
-        )
-    return indices
-
-
-def regenerate_seeded_blocks(
-    count: int, numel: int, density: float, seed: int, tensor_name: str, block: int
+def regenerate_seeded(
+    count: int, numel: int, density: float, seed: int, tensor_name: str, block: int = 1
 ) -> torch.Tensor:
-    """The block mask a seeded_blocks delta was pruned with; its size must match the stored value count."""
+    """The mask a seeded (block > 1: seeded_blocks) delta was pruned with; its size must match the stored
+    value count."""
     indices = seeded_keep_blocks(numel, density, seed, tensor_name, block)
     if indices.numel() != count:
+        kind = "block mask" if block > 1 else "mask"
         raise DeltaFormatError(
-            f"{tensor_name}: the seeded block mask keeps {indices.numel()} values, the file holds {count}"
+            f"{tensor_name}: the seeded {kind} keeps {indices.numel()} values, the file holds {count}"
         )
     return indices
 

@@ -218,9 +218,7 @@ def decode_delta(
         elif entry.encoding == enc.SEEDED_BLOCKS:
             if entry.density is None or entry.block is None:
                 raise DeltaFormatError(f"{where}: {name} is seeded in blocks but has no density or block")
-            indices = enc.regenerate_seeded_blocks(
-                entry.nnz, numel, entry.density, manifest.seed, name, entry.block
-            )
+            indices = enc.regenerate_seeded(entry.nnz, numel, entry.density, manifest.seed, name, entry.block)
         elif entry.encoding == enc.VARINT_GAPS:
             indices = enc.decode_varint_gaps(tensors[f"{name}::gaps"], entry.nnz, numel)
         elif entry.encoding == enc.INDICES_I32:

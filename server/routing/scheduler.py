@@ -357,7 +357,16 @@ class Scheduler:
             for m, q in self._queues.items()
         )
 
+    def _mixable_ready(self) -> list[str]:
+        """Lock held: queued models that are read from disk and not known to be unmixable."""
+        return [
+            m
+            for m, q in self._queues.items()
+            if q and m not in self._unmixable and self.loader.ready(m, self._wake)
+        ]
+
     def _admitted(self, joined: list[GenerationRequest]) -> None:
+        """`joined` now run (wait_idle and shutdown see them)."""
         with self._cond:
             self._running = self._running + joined
             self._running_models |= {r.model for r in joined}
@@ -384,8 +393,7 @@ class Scheduler:
                     if not queue or not self._worth_joining([queue], room) or self._overdue_elsewhere(model):
                         return Admission()
                     joined = self._take(model, room)
-                    self._running_models.add(model)
-                    self._running = self._running + joined
+                    self._admitted(joined)
                     return Admission(joined)
             assert self.mixer is not None  # _should_turn_mixed checked it
             layouts: dict[str, MixedDelta | None] = {model: served.mixed if served is not None else None}
@@ -403,11 +411,7 @@ class Scheduler:
             return False
         if served is not None and (served.mixed is None or not self.policy.mixable(served.mixed)):
             return False
-        others = [
-            m
-            for m, q in self._queues.items()
-            if q and m != model and m not in self._unmixable and self.loader.ready(m, self._wake)
-        ]
+        others = [m for m in self._mixable_ready() if m != model]
         if not others or not self._worth_joining([self._queues[m] for m in others], room):
             return False
         queued = {m: len(self._queues[m]) for m in others} | {model: len(self._queues.get(model, ()))}
@@ -422,11 +426,7 @@ class Scheduler:
             with self._cond:
                 if room <= 0 or not self._may_join():
                     return Admission()
-                models = [
-                    m
-                    for m, q in self._queues.items()
-                    if q and m not in self._unmixable and self.loader.ready(m, self._wake)
-                ]
+                models = self._mixable_ready()
                 if not models or not self._worth_joining([self._queues[m] for m in models], room):
                     return Admission()
                 queued = {m: len(self._queues[m]) for m in models}

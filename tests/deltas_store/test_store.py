@@ -428,3 +428,30 @@ def test_concurrent_process_puts_all_land(tmp_path: Path) -> None:
         (w, j) for w in range(2) for j in range(n_puts)
     ]
     assert len(_objects(root)) == 2 * n_puts
+
+
+def test_the_index_is_parsed_once_per_change_and_other_writers_are_seen(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from deltas_store import store as store_module
+
+    reader, writer = DeltaStore(tmp_path / "s"), DeltaStore(tmp_path / "s")  # two handles, like two processes
+    for name, data in (("a.bin", b"first"), ("a2.bin", b"other"), ("b.bin", b"bee")):
+        _write(tmp_path / name, data)
+    writer.put("a", tmp_path / "a.bin")
+    parses = 0
+    parse = store_module._Index.model_validate_json
+
+    def counting(raw: bytes) -> store_module._Index:
+        nonlocal parses
+        parses += 1
+        return parse(raw)
+
+    monkeypatch.setattr(store_module._Index, "model_validate_json", counting)
+    assert reader.get("a").version == 1
+    assert reader.get("a").version == 1 and "a" in reader and parses == 1  # unchanged: parsed once
+    writer.put("a", tmp_path / "a2.bin")
+    writer.put("b", tmp_path / "b.bin")
+    assert reader.get("a").version == 2 and [d.name for d in reader.list()] == ["a", "b"]
+    writer.delete("b")
+    assert [d.name for d in reader.list()] == ["a"]
