@@ -56,6 +56,11 @@ def long_request(server: LiveServer, model: str) -> HeldSink:
     return sink
 
 
+def assert_runs_to_the_end(long: HeldSink) -> None:
+    """The long request, whatever joined its batch, still produced every one of its tokens."""
+    assert long.done.wait(30) and long.result is not None and long.result.completion_tokens == LONG_TOKENS
+
+
 def release_when_queued(server: LiveServer, long: HeldSink, count: int) -> None:
     """Let the held batch go on once `count` requests are queued."""
     deadline = time.monotonic() + 30
@@ -119,7 +124,7 @@ def test_a_request_joins_the_running_batch_of_its_model(
     else:
         assert long.done.is_set(), "without continuous batching a request waits for the running batch"
         assert batches(server, "ft-0") == 2
-    assert long.done.wait(30) and long.result is not None and long.result.completion_tokens == LONG_TOKENS
+    assert_runs_to_the_end(long)
 
 
 def test_requests_of_other_models_join_a_mixed_batch_with_their_own_deltas(
@@ -136,7 +141,7 @@ def test_requests_of_other_models_join_a_mixed_batch_with_their_own_deltas(
     assert not long.done.is_set(), "the requests should have joined the running mixed batch"
     assert {job: texts.get(job) for job in jobs} == {(m, i): references[m][i] for m, i in jobs}
     assert float(server.runtime.metrics.mixed_batches._value.get()) == mixed_before  # no new batch
-    assert long.done.wait(30) and long.result is not None and long.result.completion_tokens == LONG_TOKENS
+    assert_runs_to_the_end(long)
 
 
 @pytest.mark.parametrize("mixable", [True, False])
@@ -167,7 +172,7 @@ def test_auto_turns_a_running_merged_batch_mixed_so_other_models_join(
     )
     assert float(runtime.metrics.mixed_batches._value.get()) == mixed_before + 1  # the batch turned mixed
     assert runtime.swaps.active is None  # ... on the restored base weights
-    assert long.done.wait(30) and long.result is not None and long.result.completion_tokens == LONG_TOKENS
+    assert_runs_to_the_end(long)
 
 
 def test_an_overdue_model_is_not_jumped_by_requests_joining_another_batch(
