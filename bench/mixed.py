@@ -118,10 +118,11 @@ def side_kernels(
         slot_ptr = torch.tensor([0, *itertools.accumulate(len(groups[d]) for d in used)])
         csr = [deltas[d][0] for d in used]
         crows, cols, vals = [c.crow for c in csr], [c.col for c in csr], [c.values for c in csr]
+        kept = [c.row if c.row is not None else torch.empty(0, dtype=torch.int16) for c in csr]
         out = x.new_zeros(x.shape[0], x.shape[1], shape[0])
 
         def run_native() -> torch.Tensor:
-            kernels_native.side_linear_(out, x, crows, cols, vals, slot_ptr, slot_rows)
+            kernels_native.side_linear_(out, x, crows, cols, vals, kept, slot_ptr, slot_rows)
             return out
 
         kernels["native"] = run_native

@@ -59,6 +59,7 @@ class NativeKernels(Protocol):
         crows: list[torch.Tensor],
         cols: list[torch.Tensor],
         vals: list[torch.Tensor],
+        kept_rows: list[torch.Tensor],
         slot_ptr: torch.Tensor,
         slot_rows: torch.Tensor,
     ) -> None: ...

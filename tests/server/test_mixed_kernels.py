@@ -79,9 +79,15 @@ def native_or_skip() -> native.NativeKernels:
     return native.build()  # where a compiler exists, the build must work
 
 
+NativeCall = tuple[
+    list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor
+]
+
+
 def native_args(
-    deltas: list[tuple[SparseRows, torch.Tensor]], row_delta: list[int]
-) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    deltas: list[tuple[SparseRows, torch.Tensor]], row_delta: list[int], scatter: bool = True
+) -> NativeCall:
+    """The kernel's arguments; `scatter=False` withholds the row indices, so every slot takes the CSR path."""
     slots = sorted({d for d in row_delta if d >= 0})
     rows = [b for s in slots for b, d in enumerate(row_delta) if d == s]
     ptr = [0]
@@ -91,6 +97,12 @@ def native_args(
         [deltas[s][0].crow for s in slots],
         [deltas[s][0].col for s in slots],
         [deltas[s][0].values for s in slots],
+        [
+            deltas[s][0].row
+            if scatter and deltas[s][0].row is not None
+            else torch.empty(0, dtype=torch.int16)
+            for s in slots
+        ],
         torch.tensor(ptr),
         torch.tensor(rows, dtype=torch.long),
     )
@@ -100,8 +112,9 @@ def native_args(
     "row_delta", [[0, 1, 2, 0, -1, 1], [1, 1, 1, 1, 0], [0], [-1, 2, 2], [2, 2, 2, 2, 2, 2, 2]]
 )
 @pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("scatter", [True, False], ids=["scatter-narrow", "csr-only"])
 def test_native_side_kernel_adds_each_rows_dense_delta_product_in_place(
-    row_delta: list[int], tokens: int
+    row_delta: list[int], tokens: int, scatter: bool
 ) -> None:
     kernel = native_or_skip()
     shape = (37, 23)  # output rows span several of the kernel's blocks; widths 1..7 cover every code path
@@ -110,7 +123,7 @@ def test_native_side_kernel_adds_each_rows_dense_delta_product_in_place(
     x = torch.randn(len(row_delta), tokens, shape[1], generator=gen)
     out = torch.randn(len(row_delta), tokens, shape[0], generator=gen)
     before = out.clone()
-    kernel.side_linear_(out, x, *native_args(deltas, row_delta))
+    kernel.side_linear_(out, x, *native_args(deltas, row_delta, scatter))
     for row, d in enumerate(row_delta):
         expected = before[row] + (x[row] @ deltas[d][1].T if d >= 0 else 0)
         if d < 0:
@@ -132,26 +145,42 @@ def test_native_side_kernel_accumulates_in_float32_for_every_activation_dtype(dt
         torch.testing.assert_close(out[row].float(), expected, rtol=1e-2, atol=1e-2)
 
 
+def test_native_scatter_path_reaches_output_rows_past_int16() -> None:
+    """Row indices are stored as int16 and read back as uint16: rows 32768..65535 (a vocabulary-sized
+    lm_head) must land where they belong, not wrap to negative offsets."""
+    kernel = native_or_skip()
+    shape = (40_000, 4)
+    deltas = [sparse_rows(shape, 0.002, 5)]
+    assert deltas[0][0].row is not None and int(deltas[0][0].row.min()) < 0  # some rows did wrap in int16
+    x = torch.randn(2, 1, shape[1], generator=torch.Generator().manual_seed(1))
+    out = torch.zeros(2, 1, shape[0])
+    kernel.side_linear_(out, x, *native_args(deltas, [0, 0]))
+    torch.testing.assert_close(out[:, 0], x[:, 0] @ deltas[0][1].T, rtol=1e-5, atol=1e-5)
+
+
 def test_native_side_kernel_rejects_inconsistent_arguments_and_writes_nothing() -> None:
     kernel = native_or_skip()
     shape = (8, 6)
     deltas = [sparse_rows(shape, 0.5, 0)]
     x = torch.randn(2, 1, shape[1])
     out = torch.zeros(2, 1, shape[0])
-    crows, cols, vals, ptr, rows = native_args(deltas, [0, 0])
+    crows, cols, vals, kept, ptr, rows = native_args(deltas, [0, 0])
     bad = {
-        "row out of range": (crows, cols, vals, ptr, torch.tensor([0, 5])),
-        "crow must have": ([crows[0][:-1]], cols, vals, ptr, rows),
-        "col and val must match": (crows, cols, [vals[0][:-1]], ptr, rows),
-        "int32": (crows, [cols[0].long()], vals, ptr, rows),
-        "float32": (crows, cols, [vals[0].double()], ptr, rows),
-        "slot_ptr": (crows, cols, vals, torch.tensor([0, 1]), rows),
+        "row out of range": (crows, cols, vals, kept, ptr, torch.tensor([0, 5])),
+        "crow must have": ([crows[0][:-1]], cols, vals, kept, ptr, rows),
+        "col and val must match": (crows, cols, [vals[0][:-1]], kept, ptr, rows),
+        "int32": (crows, [cols[0].long()], vals, kept, ptr, rows),
+        "float32": (crows, cols, [vals[0].double()], kept, ptr, rows),
+        "slot_ptr": (crows, cols, vals, kept, torch.tensor([0, 1]), rows),
+        "kept_rows must be": (crows, cols, vals, [kept[0].int()], ptr, rows),
+        "kept_rows must be empty": (crows, cols, vals, [kept[0][:-1]], ptr, rows),
+        "one crow, col, val and kept_rows": (crows, cols, vals, [], ptr, rows),
     }
     for message, args in bad.items():
         with pytest.raises(RuntimeError, match=message):
             kernel.side_linear_(out, x, *args)
     with pytest.raises(RuntimeError, match="share a dtype"):
-        kernel.side_linear_(out.double(), x, crows, cols, vals, ptr, rows)
+        kernel.side_linear_(out.double(), x, crows, cols, vals, kept, ptr, rows)
     assert not out.any()
 
 

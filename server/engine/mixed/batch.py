@@ -24,6 +24,7 @@ from server.engine.request import GenerationRequest
 
 _Hook = Callable[[nn.Module, tuple[Any, ...], torch.Tensor], None]
 _TORCH = object()  # a Linear whose side term the torch-ops path computes
+_NO_ROWS = torch.empty(0, dtype=torch.int16)  # a layout without row indices: the native kernel's CSR path
 
 
 class NativeArgs(NamedTuple):
@@ -32,6 +33,7 @@ class NativeArgs(NamedTuple):
     crows: list[torch.Tensor]
     cols: list[torch.Tensor]
     vals: list[torch.Tensor]
+    kept_rows: list[torch.Tensor]  # per slot: each kept value's output row, or empty (no scatter path)
     slot_ptr: torch.Tensor  # (S + 1,) int64 offsets into slot_rows
     slot_rows: torch.Tensor  # (A,) int64 batch rows, grouped by slot
 
@@ -174,7 +176,7 @@ class MixedBatch:
         (float32 values), so the torch-ops path runs instead."""
         if name in self._native_args:
             return self._native_args[name]
-        crows, cols, vals, ptr, rows = [], [], [], [0], []
+        crows, cols, vals, kept_rows, ptr, rows = [], [], [], [], [0], []
         for slot, members in self._groups.items():
             matrix = self._slots[slot].matrices.get(name)
             if matrix is None or matrix.nnz == 0:
@@ -185,11 +187,17 @@ class MixedBatch:
             crows.append(matrix.crow)
             cols.append(matrix.col)
             vals.append(matrix.values)
+            kept_rows.append(_NO_ROWS if matrix.row is None else matrix.row)
             rows.extend(members)
             ptr.append(len(rows))
         args = (
             NativeArgs(
-                crows, cols, vals, torch.tensor(ptr, dtype=torch.long), torch.tensor(rows, dtype=torch.long)
+                crows,
+                cols,
+                vals,
+                kept_rows,
+                torch.tensor(ptr, dtype=torch.long),
+                torch.tensor(rows, dtype=torch.long),
             )
             if crows
             else None

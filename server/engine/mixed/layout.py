@@ -19,6 +19,9 @@ class SparseRows:
     col: torch.Tensor  # (nnz,) int32 column of each kept value, ascending within a row
     values: torch.Tensor  # (nnz,) the delta's kept values (already scaled), in the side-compute dtype
     shape: tuple[int, int]
+    # (nnz,) int16 (read as uint16) output row of each kept value, for the native kernel's scatter path
+    # (narrow slots, no branch per output row); None on GPUs and for more than 65536 rows.
+    row: torch.Tensor | None = None
 
     @property
     def nnz(self) -> int:
@@ -26,7 +29,12 @@ class SparseRows:
 
     @property
     def nbytes(self) -> int:
-        return self.crow.nbytes + self.col.nbytes + self.values.nbytes
+        return (
+            self.crow.nbytes
+            + self.col.nbytes
+            + self.values.nbytes
+            + (0 if self.row is None else self.row.nbytes)
+        )
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,9 @@ def build_mixed(
     return MixedDelta(prepared.name, matrices, norms, linear_nnz, density)
 
 
+_ROW_LIMIT = 1 << 16  # output rows a uint16 row index can name
+
+
 def _csr(
     index: torch.Tensor, values: torch.Tensor, shape: tuple[int, int], device: torch.device
 ) -> SparseRows:
@@ -96,4 +107,7 @@ def _csr(
     crow = torch.zeros(rows + 1, dtype=torch.int64, device=device)
     crow[1:] = torch.bincount(index // cols, minlength=rows).cumsum(0)
     dtype = side_dtype(values.dtype, device)
-    return SparseRows(crow.int(), (index % cols).int(), values.to(device, dtype), shape)
+    row = None
+    if device.type == "cpu" and rows <= _ROW_LIMIT:
+        row = (index // cols).to(torch.int16)  # wraps above 32767: the kernel reads it back as uint16
+    return SparseRows(crow.int(), (index % cols).int(), values.to(device, dtype), shape, row)
