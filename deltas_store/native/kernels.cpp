@@ -383,7 +383,19 @@ void assign_(torch::Tensor dst, torch::Tensor index, torch::Tensor src) {
   }
 }
 
+// How many of torch's intra-op threads at::parallel_for spreads `tasks` unit tasks over: 1 when the module
+// was built without OpenMP (at::parallel_for then runs serially, silently).
+int64_t parallel_threads(int64_t tasks) {
+  std::vector<int> used(tasks, -1);
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) used[t] = at::get_thread_num();
+  });
+  std::sort(used.begin(), used.end());
+  return std::unique(used.begin(), used.end()) - used.begin();
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("parallel_threads", &parallel_threads, "distinct threads at::parallel_for uses for `tasks` unit tasks");
   m.def("assign_", &assign_, "dst.flat[index] = src, bit for bit (sorted int64 index)");
   m.def("assign_runs_", &assign_runs_, "dst.flat[runs] = src, one memcpy per run of consecutive positions");
   m.def("side_linear_", &side_linear_, "out += x · ΔWᵀ per row's delta slot (in place)");

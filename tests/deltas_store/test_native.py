@@ -123,6 +123,22 @@ def test_a_background_build_already_running_is_not_started_twice(
     assert len(started) == 1  # once per process
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="built with OpenMP on Linux only")
+def test_kernels_split_work_across_torchs_threads() -> None:
+    """at::parallel_for only splits work in code compiled with OpenMP: built without it, every kernel ran on
+    one thread whatever torch.get_num_threads() said (the swap and side kernels did, until this test)."""
+    needs_compiler()
+    kernels = native.build()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert kernels.parallel_threads(64) == 2
+        torch.set_num_threads(1)
+        assert kernels.parallel_threads(64) == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_assign_writes_raw_bits_at_sorted_positions_and_nothing_else(dtype: torch.dtype) -> None:
     needs_compiler()
