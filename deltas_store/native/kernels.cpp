@@ -13,13 +13,13 @@
 // value's output row (nnz,) int16 read as uint16. The rows of a slot are packed once per call as an (I, W)
 // float32 panel (W = rows·T), so a kept value's index and value are loaded once per slot and multiply W
 // contiguous floats. Two paths, measured in bench/mixed.py:
-//   * narrow slots (W ≤ 4, decode with a few rows per delta — the common mixed batch): kept values are walked
-//     flat, as four interleaved streams, each adding into a local (O, W) accumulator that stays in L1. There is
-//     no loop per output row, whose trip count (~7 kept values at p = 0.99, < 1 at 0.999) would mispredict a
-//     branch per row, and consecutive updates land on different rows (no store→load chain). Slots run in
-//     parallel: each writes only its own rows of out.
-//   * wide slots (prefill, or many rows of one delta): CSR rows accumulated in registers over W columns;
-//     output rows split across torch's intra-op threads.
+//   * scatter (every slot whose layout has row indices): the slot's columns in tiles of up to 8; per tile the
+//     kept values are walked flat, as four interleaved streams, each adding into a local (O, tile) accumulator
+//     that stays in L1. There is no loop per output row, whose trip count (~7 kept values at p = 0.99, < 1 at
+//     0.999) would mispredict a branch per row, and consecutive updates land on different rows (no store→load
+//     chain). Tiles run in parallel, split by cost: each writes only its own columns of out.
+//   * CSR (layouts without row indices: more than 65536 output rows): rows accumulated in registers over W
+//     columns; output rows split across torch's intra-op threads.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -108,25 +108,26 @@ inline void axpy<8>(float* d, const float* x, float v) {
 }
 #endif
 
-// loc[row[k], :] += val[k] · panel[col[k], :] for every kept value k of one slot; loc is (O, W), panel (I, W).
+// loc[row[k], :] += val[k] · panel[col[k], :] for every kept value k of one slot: loc is (O, W) floats, the
+// panel's rows are W floats `stride` apart (a tile of W of the slot's columns).
 template <int W>
 void scatter_slot(const uint16_t* row, const int32_t* col, const float* val, int64_t n, const float* panel,
-                  float* loc) {
+                  int64_t stride, float* loc) {
   // Four streams a quarter apart: in CSR order neighbours share an output row; a quarter apart they do not.
   const int64_t q = n / 4;
   const uint16_t *r0 = row, *r1 = row + q, *r2 = row + 2 * q, *r3 = row + 3 * q;
   const int32_t *c0 = col, *c1 = col + q, *c2 = col + 2 * q, *c3 = col + 3 * q;
   const float *v0 = val, *v1 = val + q, *v2 = val + 2 * q, *v3 = val + 3 * q;
   for (int64_t k = 0; k < q; ++k) {
-    axpy<W>(loc + int64_t(r0[k]) * W, panel + int64_t(c0[k]) * W, v0[k]);
-    axpy<W>(loc + int64_t(r1[k]) * W, panel + int64_t(c1[k]) * W, v1[k]);
-    axpy<W>(loc + int64_t(r2[k]) * W, panel + int64_t(c2[k]) * W, v2[k]);
-    axpy<W>(loc + int64_t(r3[k]) * W, panel + int64_t(c3[k]) * W, v3[k]);
+    axpy<W>(loc + int64_t(r0[k]) * W, panel + int64_t(c0[k]) * stride, v0[k]);
+    axpy<W>(loc + int64_t(r1[k]) * W, panel + int64_t(c1[k]) * stride, v1[k]);
+    axpy<W>(loc + int64_t(r2[k]) * W, panel + int64_t(c2[k]) * stride, v2[k]);
+    axpy<W>(loc + int64_t(r3[k]) * W, panel + int64_t(c3[k]) * stride, v3[k]);
   }
-  for (int64_t k = 4 * q; k < n; ++k) axpy<W>(loc + int64_t(row[k]) * W, panel + int64_t(col[k]) * W, val[k]);
+  for (int64_t k = 4 * q; k < n; ++k) axpy<W>(loc + int64_t(row[k]) * W, panel + int64_t(col[k]) * stride, val[k]);
 }
 
-constexpr int64_t kNarrow = 8;  // widest slot the scatter path takes
+constexpr int64_t kTile = 8;  // columns per pass of the scatter path (its (O, 8) accumulator stays in L1/L2)
 
 template <typename scalar_t>
 void side_linear_kernel(
@@ -140,17 +141,22 @@ void side_linear_kernel(
   // Slot s: W_s = rows·T panel columns; its panel is floats [panel_off[s], +I·W_s) laid out (I, W_s), and
   // panel column j lands at out offset dst[dst_off[s] + j] (+ o).
   std::vector<int64_t> width(S), panel_off(S + 1, 0), dst_off(S + 1, 0);
-  std::vector<int64_t> narrow, wide;  // slots per path; narrow ones with their cumulative cost
-  std::vector<double> narrow_cost{0.0};
+  // Scatter work items (slot, first column of its tile), with their cumulative estimated cost; CSR slots.
+  std::vector<std::pair<int64_t, int64_t>> tiles;
+  std::vector<double> tile_cost{0.0};
+  std::vector<int64_t> wide;
   int64_t widest = 0;
   for (int64_t s = 0; s < S; ++s) {
     width[s] = (slot_ptr[s + 1] - slot_ptr[s]) * T;
     panel_off[s + 1] = panel_off[s] + I * width[s];
     dst_off[s + 1] = dst_off[s] + width[s];
     if (width[s] == 0) continue;
-    if (width[s] <= kNarrow && kept_rows[s].numel() == vals[s].numel()) {
-      narrow.push_back(s);
-      narrow_cost.push_back(narrow_cost.back() + double(vals[s].numel()) * double(2 + width[s]) + double(O * width[s]));
+    if (kept_rows[s].numel() == vals[s].numel()) {
+      for (int64_t j0 = 0; j0 < width[s]; j0 += kTile) {
+        const int64_t tw = std::min(kTile, width[s] - j0);
+        tiles.emplace_back(s, j0);
+        tile_cost.push_back(tile_cost.back() + double(vals[s].numel()) * double(2 + tw) + double(O * tw));
+      }
     } else {
       wide.push_back(s);
       widest = std::max(widest, width[s]);
@@ -173,41 +179,43 @@ void side_linear_kernel(
       }
     }
   });
-  const int64_t N = static_cast<int64_t>(narrow.size());
+  const int64_t N = static_cast<int64_t>(tiles.size());
   if (N > 0) {
-    // One task per thread, the narrow slots split by estimated cost (slot widths differ under skewed mixes).
+    // One task per thread, the tiles split by estimated cost (slot widths differ under skewed mixes).
     const int64_t tasks = std::min<int64_t>(N, at::get_num_threads());
     std::vector<int64_t> first(tasks + 1, N);
     first[0] = 0;
     for (int64_t t = 1, i = 0; t < tasks; ++t) {
-      const double cut = narrow_cost.back() * double(t) / double(tasks);
-      while (i < N && (narrow_cost[i] + narrow_cost[i + 1]) / 2 < cut) ++i;
+      const double cut = tile_cost.back() * double(t) / double(tasks);
+      while (i < N && (tile_cost[i] + tile_cost[i + 1]) / 2 < cut) ++i;
       first[t] = std::max(i, first[t - 1]);
     }
     at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
       std::vector<float> loc;
       for (int64_t i = first[t0]; i < first[t1]; ++i) {
-        const int64_t s = narrow[i], w = width[s];
-        loc.assign(static_cast<size_t>(O * w), 0.f);
+        const auto [s, j0] = tiles[i];
+        const int64_t w = width[s], tw = std::min(kTile, w - j0);
+        loc.assign(static_cast<size_t>(O * tw), 0.f);
         const uint16_t* row = reinterpret_cast<const uint16_t*>(kept_rows[s].data_ptr<int16_t>());
         const int32_t* col = cols[s].data_ptr<int32_t>();
         const float* val = vals[s].data_ptr<float>();
         const int64_t n = vals[s].numel();
-        const float* panel = panels.data() + panel_off[s];
-        switch (w) {
-          case 1: scatter_slot<1>(row, col, val, n, panel, loc.data()); break;
-          case 2: scatter_slot<2>(row, col, val, n, panel, loc.data()); break;
-          case 3: scatter_slot<3>(row, col, val, n, panel, loc.data()); break;
-          case 4: scatter_slot<4>(row, col, val, n, panel, loc.data()); break;
-          case 5: scatter_slot<5>(row, col, val, n, panel, loc.data()); break;
-          case 6: scatter_slot<6>(row, col, val, n, panel, loc.data()); break;
-          case 7: scatter_slot<7>(row, col, val, n, panel, loc.data()); break;
-          default: scatter_slot<8>(row, col, val, n, panel, loc.data()); break;
+        const float* panel = panels.data() + panel_off[s] + j0;
+        float* l = loc.data();
+        switch (tw) {
+          case 1: scatter_slot<1>(row, col, val, n, panel, w, l); break;
+          case 2: scatter_slot<2>(row, col, val, n, panel, w, l); break;
+          case 3: scatter_slot<3>(row, col, val, n, panel, w, l); break;
+          case 4: scatter_slot<4>(row, col, val, n, panel, w, l); break;
+          case 5: scatter_slot<5>(row, col, val, n, panel, w, l); break;
+          case 6: scatter_slot<6>(row, col, val, n, panel, w, l); break;
+          case 7: scatter_slot<7>(row, col, val, n, panel, w, l); break;
+          default: scatter_slot<8>(row, col, val, n, panel, w, l); break;
         }
-        const int64_t* to = dst.data() + dst_off[s];
-        for (int64_t j = 0; j < w; ++j) {
+        const int64_t* to = dst.data() + dst_off[s] + j0;
+        for (int64_t j = 0; j < tw; ++j) {
           scalar_t* y = op + to[j];
-          for (int64_t o = 0; o < O; ++o) y[o] = static_cast<scalar_t>(static_cast<float>(y[o]) + loc[o * w + j]);
+          for (int64_t o = 0; o < O; ++o) y[o] = static_cast<scalar_t>(static_cast<float>(y[o]) + l[o * tw + j]);
         }
       }
     });
@@ -395,9 +403,15 @@ int64_t parallel_threads(int64_t tasks) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("parallel_threads", &parallel_threads, "distinct threads at::parallel_for uses for `tasks` unit tasks");
-  m.def("assign_", &assign_, "dst.flat[index] = src, bit for bit (sorted int64 index)");
-  m.def("assign_runs_", &assign_runs_, "dst.flat[runs] = src, one memcpy per run of consecutive positions");
-  m.def("side_linear_", &side_linear_, "out += x · ΔWᵀ per row's delta slot (in place)");
-  m.def("seeded_keep", &seeded_keep, "sorted int64 indices i < numel with mix32(mix32(i ^ a) ^ b) < threshold");
+  // Every kernel releases the GIL once its arguments are converted: the server's event loop streams tokens and
+  // takes requests while the worker thread is inside one.
+  using release = py::call_guard<py::gil_scoped_release>;
+  m.def("parallel_threads", &parallel_threads, release(),
+        "distinct threads at::parallel_for uses for `tasks` unit tasks");
+  m.def("assign_", &assign_, release(), "dst.flat[index] = src, bit for bit (sorted int64 index)");
+  m.def("assign_runs_", &assign_runs_, release(),
+        "dst.flat[runs] = src, one memcpy per run of consecutive positions");
+  m.def("side_linear_", &side_linear_, release(), "out += x · ΔWᵀ per row's delta slot (in place)");
+  m.def("seeded_keep", &seeded_keep, release(),
+        "sorted int64 indices i < numel with mix32(mix32(i ^ a) ^ b) < threshold");
 }
