@@ -1,6 +1,8 @@
 """Serving benchmark: tokens/s, TTFT and latency over many deltas vs the base alone and a naive server, one run.
 
-Servers (uvicorn on loopback, real HTTP, streamed completions), all in this process and measured interleaved:
+Servers (uvicorn on loopback, real HTTP, streamed completions), measured interleaved; by default each is its own
+`deltaserve serve` process, as in production, so the load generator's 32 client threads do not contend for the
+server's GIL (`--in-process` runs them all in this process instead, as earlier results did):
 
   * base    — requests for the base model only: the upper bound;
   * naive   — merged batches, and every switch copies a whole fine-tuned weight set (swap_mode=full);
@@ -26,11 +28,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
+import resource
 import shutil
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -142,6 +147,36 @@ def start(settings: ServerSettings) -> tuple[str, uvicorn.Server, threading.Thre
     raise RuntimeError("server did not become ready")
 
 
+def start_process(
+    settings: dict[str, Any], threads: int | None, log: Path
+) -> tuple[str, subprocess.Popen[bytes]]:
+    """`deltaserve serve` in a process of its own (settings as DELTASERVE_* variables); waits until ready."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    env = dict(os.environ) | {f"DELTASERVE_{k.upper()}": str(v) for k, v in settings.items()}
+    env |= {"DELTASERVE_HOST": "127.0.0.1", "DELTASERVE_PORT": str(port)}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads in the server
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "client.cli", "serve"], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return url, proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"server did not become ready (log: {log.read_text()[-2000:]})")
+
+
 def run(
     url: str, models: list[str], concurrency: int, max_tokens: int, seed: int, varied: bool = False
 ) -> dict[str, Any]:
@@ -218,6 +253,25 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _stop_thread(server: uvicorn.Server, thread: threading.Thread) -> None:
+    server.should_exit = True
+    thread.join(60)
+
+
+def _stop_process(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()  # SIGTERM: the server drains (nothing is in flight by now) and exits
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def peak_child_rss_bytes() -> int:
+    """The largest peak RSS among this process's waited-for children (the server processes)."""
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+
+
 def peak_rss_bytes() -> int:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -251,6 +305,9 @@ def main() -> int:
         "--lengths", choices=["fixed", "varied"], default="fixed", help="max_tokens per request (see above)"
     )
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--in-process", action="store_true", help="run the servers in this process (they share its GIL)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -278,22 +335,29 @@ def main() -> int:
         root = Path(tmp)
         base = base_model(kind, root)
         store = build_store(base, root, n_max, args.distinct, args.drop_rate)
-        servers = {}
+        servers: dict[str, str] = {}
+        stoppers = []
         for mode in modes:
-            settings = ServerSettings(
+            fields: dict[str, Any] = dict(
                 base=base, store=store, device=args.device, dtype=args.dtype, model_id=BASE_ID,
                 max_batch_size=args.max_batch_size, max_queue=4096, log_level="warning", max_wait_ms=50,
                 cache_bytes=8 << 30, **MODES[mode],
             )  # fmt: skip
-            servers[mode] = start(settings)
+            if args.in_process:
+                url, server, thread = start(ServerSettings(**fields))
+                stoppers.append(lambda server=server, thread=thread: _stop_thread(server, thread))
+            else:
+                url, proc = start_process(fields, args.threads, root / f"server-{mode}.log")
+                stoppers.append(lambda proc=proc: _stop_process(proc))
+            servers[mode] = url
         raw: dict[tuple[str, Scenario], list[dict[str, Any]]] = {(m, s): [] for m in modes for s in scenarios}
         try:
-            for mode, (url, _, _) in servers.items():  # warm-up: load and cache every delta once
+            for mode, url in servers.items():  # warm-up: load and cache every delta once
                 warm = [BASE_ID] * 8 if mode.startswith("base") else [f"d{i}" for i in range(n_max)]
                 run(url, warm, 8, 2, 0)
             for r in range(rounds):  # interleaved: machine load drifts over every mode alike
                 for scenario in scenarios:
-                    for mode, (url, _, _) in servers.items():
+                    for mode, url in servers.items():
                         models = scenario.models(
                             mode, requests // rounds, random.Random(1000 * r + scenario.deltas)
                         )
@@ -308,9 +372,8 @@ def main() -> int:
                             )
                         )
         finally:
-            for _, server, thread in servers.values():
-                server.should_exit = True
-                thread.join(60)
+            for stop in stoppers:
+                stop()
 
     rows = []
     for scenario in scenarios:
@@ -329,7 +392,8 @@ def main() -> int:
         "model": kind, "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
         "requests_per_config": requests, "rounds": rounds, "max_tokens": max_tokens, "lengths": args.lengths,
         "max_batch_size": args.max_batch_size, "drop_rate": args.drop_rate, "distinct_finetunes": args.distinct,
-        "peak_rss_bytes": peak_rss_bytes(), "torch": torch.__version__, "python": platform.python_version(),
+        "servers": "in-process" if args.in_process else "processes",
+        "peak_rss_bytes": peak_rss_bytes() if args.in_process else peak_child_rss_bytes(), "torch": torch.__version__, "python": platform.python_version(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }  # fmt: skip
     out = args.out or ROOT / "bench" / "results" / ("serve-quick" if args.quick else "serve")
@@ -348,8 +412,13 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "`ratio` = tokens/s over the base-only server at the same concurrency (its runs pooled over the "
         "scenarios: the base workload does not depend on N or the mix; `base` uses continuous batching, as every "
         "mode but the `-static` ones does). `swaps/req` counts a delta swap's apply "
-        "and restore separately, the naive server's full copy once. Peak RSS of the whole run "
-        f"(all servers in one process): {meta['peak_rss_bytes'] / 2**20:.0f} MiB.",
+        "and restore separately, the naive server's full copy once. "
+        + (
+            f"Peak RSS of the whole run (all servers in one process): {meta['peak_rss_bytes'] / 2**20:.0f} MiB."
+            if meta.get("servers") != "processes"
+            else "Each server is its own `deltaserve serve` process, the clients are in the benchmark's; peak "
+            f"RSS of the largest server process: {meta['peak_rss_bytes'] / 2**20:.0f} MiB."
+        ),
         "",
         "| mode | deltas | mix | conc. | tokens/s | ratio | TTFT p50 / p99 (s) | latency p50 / p99 (s) | swaps/req | cache MiB |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
