@@ -24,6 +24,8 @@ from server.engine.request import GenerationRequest
 
 _Hook = Callable[[nn.Module, tuple[Any, ...], torch.Tensor], None]
 _TORCH = object()  # a Linear whose side term the torch-ops path computes
+# A Linear's per-slot CSR arrays (crows, cols, vals, kept_rows) and the slots they belong to.
+_SlotCsrs = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[int]]
 _NO_ROWS = torch.empty(0, dtype=torch.int16)  # a layout without row indices: the native kernel's CSR path
 
 
@@ -73,6 +75,12 @@ class MixedBatch:
         self._native: native.NativeKernels | None = None  # the C++ kernels, on CPU where they are built
         self._native_args: dict[str, NativeArgs | object | None] = {}  # Linear weight -> its call's arguments
         self._groups: dict[int, list[int]] = {}  # slot -> its rows in the batch
+        # Kept across begin/end (rows joining re-lay the batch twice per join): what depends only on which
+        # deltas are in it. A norm's patched weight per (name, delta); a Linear's per-slot CSR lists per
+        # (name, the deltas with rows, in group order).
+        self._norm_rows: dict[tuple[str, int], torch.Tensor] = {}
+        self._csr_lists: dict[tuple[str, tuple[int, ...]], _SlotCsrs | None] = {}
+        self._group_key: tuple[int, ...] = ()
 
     # --- the engine's row hooks ---
 
@@ -138,6 +146,7 @@ class MixedBatch:
         for row, slot in enumerate(self._row_delta.tolist()):
             if slot >= 0:
                 self._groups.setdefault(slot, []).append(row)
+        self._group_key = tuple(id(self._slots[slot]) for slot in self._groups)
         for table, modules, _ in self._norms.values():
             rows = table.index_select(0, self._row_delta + 1).unsqueeze(1)  # (B, 1, H) per-row weights
             for module in modules:
@@ -157,16 +166,24 @@ class MixedBatch:
 
     def _norm_table(self, name: str, base: torch.Tensor) -> torch.Tensor:
         """(D+1, H): the base weight (resident and unpatched now), then each slot's patched weight."""
-        table = base.unsqueeze(0).repeat(len(self._slots) + 1, 1)
-        for slot, delta in enumerate(self._slots):
+        return torch.stack([base, *(self._norm_row(name, base, delta) for delta in self._slots)])
+
+    def _norm_row(self, name: str, base: torch.Tensor, delta: MixedDelta) -> torch.Tensor:
+        """`delta`'s patched weight of norm `name` (deltas_store's arithmetic), computed once per batch."""
+        key = (name, id(delta))
+        row = self._norm_rows.get(key)
+        if row is None:
             if name not in delta.norms:
-                continue
-            index, values = delta.norms[name]
-            if index is None:
-                table[slot + 1] = values
+                row = base
             else:
-                table[slot + 1, index] = base[index] + values  # deltas_store's arithmetic
-        return table
+                index, values = delta.norms[name]
+                if index is None:
+                    row = values.to(base.dtype)
+                else:
+                    row = base.clone()
+                    row[index] = base[index] + values
+            self._norm_rows[key] = row
+        return row
 
     # --- hooks ---
 
@@ -176,34 +193,50 @@ class MixedBatch:
         (float32 values), so the torch-ops path runs instead."""
         if name in self._native_args:
             return self._native_args[name]
-        crows, cols, vals, kept_rows, ptr, rows = [], [], [], [], [0], []
-        for slot, members in self._groups.items():
+        key = (name, self._group_key)
+        if key not in self._csr_lists:
+            self._csr_lists[key] = self._slot_csrs(name)
+        lists = self._csr_lists[key]
+        args: NativeArgs | object | None
+        if lists is None:
+            args = _TORCH
+        else:
+            crows, cols, vals, kept_rows, present = lists
+            ptr, rows = [0], []
+            for slot in present:
+                rows.extend(self._groups[slot])
+                ptr.append(len(rows))
+            args = (
+                NativeArgs(
+                    crows,
+                    cols,
+                    vals,
+                    kept_rows,
+                    torch.tensor(ptr, dtype=torch.long),
+                    torch.tensor(rows, dtype=torch.long),
+                )
+                if present
+                else None
+            )
+        self._native_args[name] = args
+        return args
+
+    def _slot_csrs(self, name: str) -> _SlotCsrs | None:
+        """Per slot with rows (group order) whose delta changes Linear `name`: its CSR arrays, and those
+        slots; None when a layout is not the kernel's (values not float32)."""
+        crows, cols, vals, kept_rows, present = [], [], [], [], []
+        for slot in self._groups:
             matrix = self._slots[slot].matrices.get(name)
             if matrix is None or matrix.nnz == 0:
                 continue
             if matrix.values.dtype != torch.float32:
-                self._native_args[name] = _TORCH
-                return _TORCH
+                return None
             crows.append(matrix.crow)
             cols.append(matrix.col)
             vals.append(matrix.values)
             kept_rows.append(_NO_ROWS if matrix.row is None else matrix.row)
-            rows.extend(members)
-            ptr.append(len(rows))
-        args = (
-            NativeArgs(
-                crows,
-                cols,
-                vals,
-                kept_rows,
-                torch.tensor(ptr, dtype=torch.long),
-                torch.tensor(rows, dtype=torch.long),
-            )
-            if crows
-            else None
-        )
-        self._native_args[name] = args
-        return args
+            present.append(slot)
+        return crows, cols, vals, kept_rows, present
 
     def _linear_hook(self, name: str) -> _Hook:
         def hook(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
