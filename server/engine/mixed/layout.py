@@ -20,7 +20,7 @@ class SparseRows:
     values: torch.Tensor  # (nnz,) the delta's kept values (already scaled), in the side-compute dtype
     shape: tuple[int, int]
     # (nnz,) int16 (read as uint16) output row of each kept value, for the native kernel's scatter path
-    # (narrow slots, no branch per output row); None on GPUs and for more than 65536 rows.
+    # (no loop, so no mispredicted branch, per output row); None on GPUs and for more than 65536 rows.
     row: torch.Tensor | None = None
 
     @property
