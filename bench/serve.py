@@ -234,6 +234,10 @@ def _metric(client: httpx.Client, name: str) -> float:
     return 0.0
 
 
+def _tps(run: dict[str, Any]) -> float:
+    return sum(r[2] for r in run["results"]) / run["wall_s"]
+
+
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     results = [r for run in runs for r in run["results"]]
     ttft = sorted(r[0] for r in results)
@@ -385,6 +389,12 @@ def main() -> int:
             s = {"mode": mode, "deltas": 0 if mode.startswith("base") else scenario.deltas, "mix": scenario.mix,
                  "concurrency": scenario.concurrency, **summarize(raw[(mode, scenario)])}  # fmt: skip
             s["ratio_to_base"] = s["tokens_per_s"] / base_tps
+            # Robust to this machine's load swings: per round, over the base run of the same scenario and
+            # round (measured next to it in time), then the median over rounds.
+            base_runs = raw.get(("base", scenario), [])
+            per_round = [_tps(m) / _tps(b) for m, b in zip(raw[(mode, scenario)], base_runs, strict=False)]
+            s["ratio_rounds"] = per_round
+            s["ratio_median_rounds"] = statistics.median(per_round) if per_round else float("nan")
             rows.append(s)
             print(f"mode={mode} deltas={scenario.deltas} mix={scenario.mix} concurrency={scenario.concurrency} "
                   f"tokens_per_s={s['tokens_per_s']:.1f} ratio_to_base={s['ratio_to_base']:.2f}", flush=True)  # fmt: skip
@@ -411,7 +421,9 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"drop rate {meta['drop_rate']} ({meta['distinct_finetunes']} distinct fine-tunes behind the names). "
         "`ratio` = tokens/s over the base-only server at the same concurrency (its runs pooled over the "
         "scenarios: the base workload does not depend on N or the mix; `base` uses continuous batching, as every "
-        "mode but the `-static` ones does). `swaps/req` counts a delta swap's apply "
+        "mode but the `-static` ones does). `median/round` = the median over rounds of tokens/s over the base "
+        "run of the same scenario and round, measured next to it (robust to the machine's load swings); "
+        "`rounds` lists them. `swaps/req` counts a delta swap's apply "
         "and restore separately, the naive server's full copy once. "
         + (
             f"Peak RSS of the whole run (all servers in one process): {meta['peak_rss_bytes'] / 2**20:.0f} MiB."
@@ -420,13 +432,14 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             f"RSS of the largest server process: {meta['peak_rss_bytes'] / 2**20:.0f} MiB."
         ),
         "",
-        "| mode | deltas | mix | conc. | tokens/s | ratio | TTFT p50 / p99 (s) | latency p50 / p99 (s) | swaps/req | cache MiB |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| mode | deltas | mix | conc. | tokens/s | ratio | median/round | rounds | TTFT p50 / p99 (s) | latency p50 / p99 (s) | swaps/req | cache MiB |",
+        "|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---:|",
     ]  # fmt: skip
     for r in rows:
         lines.append(
             f"| {r['mode']} | {r['deltas']} | {r['mix']} | {r['concurrency']} | {r['tokens_per_s']:.1f} | "
-            f"{r['ratio_to_base']:.2f} | {r['ttft_p50_s']:.3f} / {r['ttft_p99_s']:.3f} | "
+            f"{r['ratio_to_base']:.2f} | {r.get('ratio_median_rounds', float('nan')):.2f} | "
+            f"{' '.join(f'{x:.2f}' for x in r.get('ratio_rounds', []))} | {r['ttft_p50_s']:.3f} / {r['ttft_p99_s']:.3f} | "
             f"{r['latency_p50_s']:.3f} / {r['latency_p99_s']:.3f} | {r['swaps_per_request']:.2f} | "
             f"{r['cache_bytes'] / 2**20:.1f} |"
         )
