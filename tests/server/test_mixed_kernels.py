@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from server.engine.mixed.kernels import (
 )
 from server.engine.mixed.layout import SparseRows, _csr, build_mixed
 from server.engine.mixed.modules import find_param_uses
+from server.engine.request import GenerationRequest
 from server.routing.policy import BatchPolicy
 
 
@@ -248,6 +250,58 @@ def test_modules_are_classified_by_a_probe_and_unsupported_params_make_a_delta_u
         assert build_mixed(bad, uses, weights) is None, target
     dense_linear = PreparedDelta("d", None, (PatchOp("2.weight", None, torch.ones(8, 8)),))  # type: ignore[arg-type]
     assert build_mixed(dense_linear, uses, weights) is None
+
+
+@pytest.mark.parametrize("kernel", ["native", "torch"])
+def test_a_relaid_mixed_batch_gives_each_row_its_own_delta(
+    kernel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows join and leave between re-lays, so slot numbers change while the same deltas stay: what the
+    batch keeps across re-lays must follow the deltas, not the slot numbers (it once followed the numbers
+    and raised KeyError when a finished row's slot 0 left the batch)."""
+    if kernel == "native":
+        native_or_skip()
+    else:
+        monkeypatch.setattr(native, "module", lambda: None)
+    from server.engine.mixed.batch import MixedBatch
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10, bias=False), _RMSNorm(10), nn.Linear(10, 7, bias=False))
+    uses = find_param_uses(model)
+    weights = dict(model.named_parameters())
+    gen = torch.Generator().manual_seed(1)
+
+    def delta(name: str) -> PreparedDelta:
+        ops = []
+        for target, weight in weights.items():
+            index = torch.randperm(weight.numel(), generator=gen)[: weight.numel() // 3].sort().values
+            ops.append(PatchOp(target, index, torch.randn(index.numel(), generator=gen) * 0.1))
+        return PreparedDelta(name, None, tuple(ops))  # type: ignore[arg-type]
+
+    prepared = {name: delta(name) for name in ("a", "b", "c")}
+    layouts = {name: build_mixed(d, uses, weights) for name, d in prepared.items()}
+    x = torch.randn(3, 1, 12, generator=gen)
+
+    def request(model_name: str) -> GenerationRequest:
+        return SimpleNamespace(model=model_name)  # type: ignore[return-value]
+
+    def expected(name: str, row: torch.Tensor) -> torch.Tensor:  # the merged model's output
+        merged = {op.target: patched(weights[op.target].detach(), op.index, op.values)
+                  for op in prepared[name].ops if op.index is not None}  # fmt: skip
+        out: torch.Tensor = torch.func.functional_call(model, merged, (row,))
+        return out
+
+    batch = MixedBatch(model, uses, layouts)
+    with torch.inference_mode():
+        batch.begin([request("a"), request("b")], torch.device("cpu"))
+        model(x[:2])
+        batch.end()
+        batch.begin([request("c"), request("a"), request("b")], torch.device("cpu"))
+        batch.select(torch.tensor([1, 2]))  # c's row finished: a and b keep their slots 1 and 2
+        out = model(x[1:])
+        batch.end()
+    for row, name in enumerate(("a", "b")):
+        torch.testing.assert_close(out[row], expected(name, x[1 + row]), rtol=1e-5, atol=1e-5)
 
 
 def test_policy_merges_a_dominant_or_lonely_model_and_mixes_a_spread_queue() -> None:

@@ -24,7 +24,7 @@ from server.engine.request import GenerationRequest
 
 _Hook = Callable[[nn.Module, tuple[Any, ...], torch.Tensor], None]
 _TORCH = object()  # a Linear whose side term the torch-ops path computes
-# A Linear's per-slot CSR arrays (crows, cols, vals, kept_rows) and the slots they belong to.
+# A Linear's per-slot CSR arrays (crows, cols, vals, kept_rows) and their slots' positions in group order.
 _SlotCsrs = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[int]]
 _NO_ROWS = torch.empty(0, dtype=torch.int16)  # a layout without row indices: the native kernel's CSR path
 
@@ -202,9 +202,10 @@ class MixedBatch:
             args = _TORCH
         else:
             crows, cols, vals, kept_rows, present = lists
+            groups = list(self._groups.values())
             ptr, rows = [0], []
-            for slot in present:
-                rows.extend(self._groups[slot])
+            for position in present:
+                rows.extend(groups[position])
                 ptr.append(len(rows))
             args = (
                 NativeArgs(
@@ -222,10 +223,11 @@ class MixedBatch:
         return args
 
     def _slot_csrs(self, name: str) -> _SlotCsrs | None:
-        """Per slot with rows (group order) whose delta changes Linear `name`: its CSR arrays, and those
-        slots; None when a layout is not the kernel's (values not float32)."""
+        """Per slot with rows whose delta changes Linear `name`: its CSR arrays, and the slots' positions in
+        group order (slot numbers change between re-lays; the cache key, the deltas in group order, does
+        not); None when a layout is not the kernel's (values not float32)."""
         crows, cols, vals, kept_rows, present = [], [], [], [], []
-        for slot in self._groups:
+        for position, slot in enumerate(self._groups):
             matrix = self._slots[slot].matrices.get(name)
             if matrix is None or matrix.nnz == 0:
                 continue
@@ -235,7 +237,7 @@ class MixedBatch:
             cols.append(matrix.col)
             vals.append(matrix.values)
             kept_rows.append(_NO_ROWS if matrix.row is None else matrix.row)
-            present.append(slot)
+            present.append(position)
         return crows, cols, vals, kept_rows, present
 
     def _linear_hook(self, name: str) -> _Hook:
