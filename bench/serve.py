@@ -40,6 +40,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,15 +137,22 @@ def start(settings: ServerSettings) -> tuple[str, uvicorn.Server, threading.Thre
     server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
+    if not _wait_ready(url, thread.is_alive):
+        raise RuntimeError("server did not become ready")
+    return url, server, thread
+
+
+def _wait_ready(url: str, alive: Callable[[], bool], timeout_s: float = 600) -> bool:
+    """Poll `url`/ready until it answers 200 (True), the server dies or the time is up (False)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and alive():
         try:
             if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return url, server, thread
+                return True
         except httpx.TransportError:
             pass
         time.sleep(0.1)
-    raise RuntimeError("server did not become ready")
+    return False
 
 
 def start_process(
@@ -165,14 +173,8 @@ def start_process(
             [sys.executable, "-m", "client.cli", "serve"], env=env, stdout=out, stderr=subprocess.STDOUT
         )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return url, proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
+    if _wait_ready(url, lambda: proc.poll() is None):
+        return url, proc
     proc.kill()
     raise RuntimeError(f"server did not become ready (log: {log.read_text()[-2000:]})")
 

@@ -82,7 +82,6 @@ inline void dot_any(const int32_t* col, const float* val, int32_t begin, int32_t
   }
 }
 
-
 // d[0..W) += v · x[0..W): one kept value's update of one accumulator row. Pairs and quads in one SSE op
 // (x86-64 baseline), so an update costs about as many instructions as a scalar one.
 template <int W>

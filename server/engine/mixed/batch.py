@@ -81,6 +81,8 @@ class MixedBatch:
         self._norm_rows: dict[tuple[str, int], torch.Tensor] = {}
         self._csr_lists: dict[tuple[str, tuple[int, ...]], _SlotCsrs | None] = {}
         self._group_key: tuple[int, ...] = ()
+        # Per refresh: the (slot_ptr, slot_rows) of each set of present slots (one set for nearly every Linear).
+        self._row_groups: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
     # --- the engine's row hooks ---
 
@@ -147,6 +149,7 @@ class MixedBatch:
             if slot >= 0:
                 self._groups.setdefault(slot, []).append(row)
         self._group_key = tuple(id(self._slots[slot]) for slot in self._groups)
+        self._row_groups.clear()
         for table, modules, _ in self._norms.values():
             rows = table.index_select(0, self._row_delta + 1).unsqueeze(1)  # (B, 1, H) per-row weights
             for module in modules:
@@ -202,25 +205,24 @@ class MixedBatch:
             args = _TORCH
         else:
             crows, cols, vals, kept_rows, present = lists
+            args = NativeArgs(crows, cols, vals, kept_rows, *self._rows_of(present)) if present else None
+        self._native_args[name] = args
+        return args
+
+    def _rows_of(self, present: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slot_ptr, slot_rows) of the slots at `present` positions in group order, built once per refresh."""
+        key = tuple(present)
+        if key not in self._row_groups:
             groups = list(self._groups.values())
             ptr, rows = [0], []
             for position in present:
                 rows.extend(groups[position])
                 ptr.append(len(rows))
-            args = (
-                NativeArgs(
-                    crows,
-                    cols,
-                    vals,
-                    kept_rows,
-                    torch.tensor(ptr, dtype=torch.long),
-                    torch.tensor(rows, dtype=torch.long),
-                )
-                if present
-                else None
+            self._row_groups[key] = (
+                torch.tensor(ptr, dtype=torch.long),
+                torch.tensor(rows, dtype=torch.long),
             )
-        self._native_args[name] = args
-        return args
+        return self._row_groups[key]
 
     def _slot_csrs(self, name: str) -> _SlotCsrs | None:
         """Per slot with rows whose delta changes Linear `name`: its CSR arrays, and the slots' positions in
