@@ -87,7 +87,10 @@ def test_sigterm_drains_in_flight_streams(
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(proc, url, timeout_s=90)
-        first_event = threading.Event()
+        models = ("base", "ft-0", "ft-1", "ft-2")
+        # SIGTERM only once every stream is in flight: a client that has not connected yet
+        # would (rightly) be refused by a draining server.
+        streaming = {m: threading.Event() for m in models}
         outcomes: list[tuple[str, int]] = []
 
         def stream(model: str) -> None:
@@ -104,13 +107,13 @@ def test_sigterm_drains_in_flight_streams(
                 for line in r.iter_lines():
                     if line.startswith("data: "):
                         events.append(line[6:])
-                        first_event.set()
+                        streaming[model].set()
             outcomes.append((events[-1], len(events)))
 
-        threads = [threading.Thread(target=stream, args=(m,)) for m in ("base", "ft-0", "ft-1", "ft-2")]
+        threads = [threading.Thread(target=stream, args=(m,)) for m in models]
         for t in threads:
             t.start()
-        assert first_event.wait(30)
+        assert all(e.wait(60) for e in streaming.values())
         proc.send_signal(signal.SIGTERM)
         for t in threads:
             t.join(60)
