@@ -9,15 +9,19 @@
 // side_linear_ — mixed-batch side products: out[r, t, :] += x[r, t, :] · ΔW_{slot(r)}ᵀ for every row r with a
 // delta, in one call per Linear for the whole batch (no loop over deltas in Python, no weight written).
 //
-// Each slot's ΔW is CSR (crow (O+1,) int32, col (nnz,) int32, val (nnz,) float32), plus optionally each kept
-// value's output row (nnz,) int16 read as uint16. The rows of a slot are packed once per call as an (I, W)
-// float32 panel (W = rows·T), so a kept value's index and value are loaded once per slot and multiply W
-// contiguous floats. Two paths, measured in bench/mixed.py:
+// Each slot's ΔW is CSR (crow (O+1,) int32, col (nnz,) int32 or int16 read as uint16, val (nnz,) float32),
+// plus optionally each kept value's output row (nnz,) int16 read as uint16. pack_slots checks these arrays once
+// and returns a table of their pointers, which the caller keeps with the arrays and passes on every step
+// (converting and checking 4·S tensors per call cost more than a small Linear's products). The rows of a slot
+// are packed once per call as an (I, W) float32 panel (W = rows·T), so a kept value's index and value are
+// loaded once per slot and multiply W contiguous floats. Two paths, measured in bench/mixed.py:
 //   * scatter (every slot whose layout has row indices): the slot's columns in tiles of up to 8; per tile the
-//     kept values are walked flat, as four interleaved streams, each adding into a local (O, tile) accumulator
-//     that stays in L1. There is no loop per output row, whose trip count (~7 kept values at p = 0.99, < 1 at
-//     0.999) would mispredict a branch per row, and consecutive updates land on different rows (no store→load
-//     chain). Tiles run in parallel, split by cost: each writes only its own columns of out.
+//     kept values are walked front to back in blocks, as four lanes 32 values apart, each adding into a local
+//     (O, tile) accumulator that stays in L1. There is no loop per output row, whose trip count (~7 kept
+//     values at p = 0.99, < 1 at 0.999) would mispredict a branch per row, and consecutive updates land on
+//     different rows (no store→load chain). Tiles run in parallel, split by cost: each writes only its own
+//     columns of out. The kept values stream from DRAM (the base GEMMs between Linears evict them), so their
+//     bytes are the cost: 2 + 2 + 4 per value with 16-bit indices.
 //   * CSR (layouts without row indices: more than 65536 output rows): rows accumulated in registers over W
 //     columns; output rows split across torch's intra-op threads.
 #include <torch/extension.h>
@@ -26,6 +30,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <type_traits>
 #include <vector>
 
 #if defined(__SSE2__)
@@ -45,8 +51,8 @@ inline uint32_t mix32(uint32_t x) {
 }
 
 // acc[j] = Σ_k val[k] · panel[col[k] * W + j] for kept entries [begin, end) of one output row; W fixed.
-template <int W>
-inline void dot_fixed(const int32_t* col, const float* val, int32_t begin, int32_t end, const float* panel,
+template <int W, typename col_t>
+inline void dot_fixed(const col_t* col, const float* val, int32_t begin, int32_t end, const float* panel,
                       float* acc) {
   // Four independent partial sums per column: rows hold few kept values, and one chain of dependent adds
   // would make every value wait for the previous one's add.
@@ -72,7 +78,8 @@ inline void dot_fixed(const int32_t* col, const float* val, int32_t begin, int32
   for (int j = 0; j < W; ++j) acc[j] = (a0[j] + a1[j]) + (a2[j] + a3[j]);
 }
 
-inline void dot_any(const int32_t* col, const float* val, int32_t begin, int32_t end, const float* panel,
+template <typename col_t>
+inline void dot_any(const col_t* col, const float* val, int32_t begin, int32_t end, const float* panel,
                     int64_t w, float* acc) {
   std::fill(acc, acc + w, 0.f);
   for (int32_t k = begin; k < end; ++k) {
@@ -109,37 +116,101 @@ inline void axpy<8>(float* d, const float* x, float v) {
 
 // loc[row[k], :] += val[k] · panel[col[k], :] for every kept value k of one slot: loc is (O, W) floats, the
 // panel's rows are W floats `stride` apart (a tile of W of the slot's columns).
-template <int W>
-void scatter_slot(const uint16_t* row, const int32_t* col, const float* val, int64_t n, const float* panel,
+template <int W, typename col_t>
+void scatter_slot(const uint16_t* row, const col_t* col, const float* val, int64_t n, const float* panel,
                   int64_t stride, float* loc) {
-  // Four streams a quarter apart: in CSR order neighbours share an output row; a quarter apart they do not.
-  const int64_t q = n / 4;
-  const uint16_t *r0 = row, *r1 = row + q, *r2 = row + 2 * q, *r3 = row + 3 * q;
-  const int32_t *c0 = col, *c1 = col + q, *c2 = col + 2 * q, *c3 = col + 3 * q;
-  const float *v0 = val, *v1 = val + q, *v2 = val + 2 * q, *v3 = val + 3 * q;
-  for (int64_t k = 0; k < q; ++k) {
-    axpy<W>(loc + int64_t(r0[k]) * W, panel + int64_t(c0[k]) * stride, v0[k]);
-    axpy<W>(loc + int64_t(r1[k]) * W, panel + int64_t(c1[k]) * stride, v1[k]);
-    axpy<W>(loc + int64_t(r2[k]) * W, panel + int64_t(c2[k]) * stride, v2[k]);
-    axpy<W>(loc + int64_t(r3[k]) * W, panel + int64_t(c3[k]) * stride, v3[k]);
+  // Blocks of 4·kLane values walked as four lanes kLane apart: neighbours in CSR order share an output row,
+  // values kLane apart (several rows on) do not, and every array is still read front to back (one stream).
+  constexpr int64_t kLane = 32, kBlock = 4 * kLane;
+  int64_t k0 = 0;
+  for (; k0 + kBlock <= n; k0 += kBlock) {
+    const uint16_t* r = row + k0;
+    const col_t* c = col + k0;
+    const float* v = val + k0;
+    // Two blocks ahead: a slot's arrays are a few KB each in small Linears, too short for the hardware
+    // prefetcher to ramp up on, and they come from DRAM (the base GEMMs in between evict them).
+    if (k0 + 3 * kBlock <= n) {
+      for (int64_t e = 0; e < kBlock; e += 32) __builtin_prefetch(r + 2 * kBlock + e);
+      for (int64_t e = 0; e < kBlock; e += 16) {
+        __builtin_prefetch(c + 2 * kBlock + e);
+        __builtin_prefetch(v + 2 * kBlock + e);
+      }
+    }
+    for (int64_t k = 0; k < kLane; ++k) {
+      axpy<W>(loc + int64_t(r[k]) * W, panel + int64_t(c[k]) * stride, v[k]);
+      axpy<W>(loc + int64_t(r[k + kLane]) * W, panel + int64_t(c[k + kLane]) * stride, v[k + kLane]);
+      axpy<W>(loc + int64_t(r[k + 2 * kLane]) * W, panel + int64_t(c[k + 2 * kLane]) * stride, v[k + 2 * kLane]);
+      axpy<W>(loc + int64_t(r[k + 3 * kLane]) * W, panel + int64_t(c[k + 3 * kLane]) * stride, v[k + 3 * kLane]);
+    }
   }
-  for (int64_t k = 4 * q; k < n; ++k) axpy<W>(loc + int64_t(row[k]) * W, panel + int64_t(col[k]) * stride, val[k]);
+  for (int64_t k = k0; k < n; ++k) axpy<W>(loc + int64_t(row[k]) * W, panel + int64_t(col[k]) * stride, val[k]);
+}
+
+// panel[c * w + j] = src[j][c]: w rows of I activations transposed into an (I, w) float panel. Written in
+// order, w fixed where it is small (a decode slot serves a few rows), so the compiler interleaves the rows.
+template <int W, typename scalar_t>
+void pack_fixed(float* panel, const scalar_t* const* src, int64_t I) {
+  const scalar_t* s[W];
+  for (int j = 0; j < W; ++j) s[j] = src[j];
+  for (int64_t c = 0; c < I; ++c) {
+    for (int j = 0; j < W; ++j) panel[c * W + j] = static_cast<float>(s[j][c]);
+  }
+}
+
+template <typename scalar_t>
+void pack_panel(float* panel, const scalar_t* const* src, int64_t w, int64_t I) {
+  switch (w) {
+    case 1: pack_fixed<1>(panel, src, I); return;
+    case 2: pack_fixed<2>(panel, src, I); return;
+    case 3: pack_fixed<3>(panel, src, I); return;
+    case 4: pack_fixed<4>(panel, src, I); return;
+    default:
+      for (int64_t c = 0; c < I; ++c) {
+        for (int64_t j = 0; j < w; ++j) panel[c * w + j] = static_cast<float>(src[j][c]);
+      }
+  }
 }
 
 constexpr int64_t kTile = 8;  // columns per pass of the scatter path (its (O, 8) accumulator stays in L1/L2)
+constexpr int64_t kParallelPanel = 1 << 16;  // panel floats from which packing them is split across threads
+// Estimated scatter cost (units of tile_cost, ~0.5 ns each here) below which one thread does it all: entering
+// a parallel region costs ~8 µs on a 2-core VM, more than splitting k_proj's 16 small slots saves.
+constexpr double kParallelCost = 32768;
+
+// One row of a packed slot table (pack_slots): where a slot's arrays live, and their sizes.
+struct Slot {
+  const int32_t* crow;
+  const void* col;  // int32, or uint16 (int16 storage) where col16
+  const float* val;
+  const uint16_t* row;  // nullptr: the layout has no row indices (CSR path)
+  int64_t nnz;
+  bool col16;
+};
+constexpr int64_t kSlotFields = 7;  // crow, col, val, row (0 = none), nnz, out_features, col16
+
+// f(col) with the slot's column indices at their stored width.
+template <typename F>
+inline void with_cols(const Slot& slot, F&& f) {
+  if (slot.col16) {
+    f(static_cast<const uint16_t*>(slot.col));
+  } else {
+    f(static_cast<const int32_t*>(slot.col));
+  }
+}
 
 template <typename scalar_t>
-void side_linear_kernel(
-    torch::Tensor& out, const torch::Tensor& x, const std::vector<torch::Tensor>& crows,
-    const std::vector<torch::Tensor>& cols, const std::vector<torch::Tensor>& vals,
-    const std::vector<torch::Tensor>& kept_rows, const int64_t* slot_ptr, const int64_t* slot_rows) {
+void side_linear_kernel(torch::Tensor& out, const torch::Tensor& x, const std::vector<Slot>& slots,
+                        const int64_t* slot_ptr, const int64_t* slot_rows) {
   const int64_t T = x.size(1), I = x.size(2), O = out.size(2);
-  const int64_t S = static_cast<int64_t>(crows.size());
+  const int64_t S = static_cast<int64_t>(slots.size());
   const scalar_t* xp = x.data_ptr<scalar_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
   // Slot s: W_s = rows·T panel columns; its panel is floats [panel_off[s], +I·W_s) laid out (I, W_s), and
   // panel column j lands at out offset dst[dst_off[s] + j] (+ o).
   std::vector<int64_t> width(S), panel_off(S + 1, 0), dst_off(S + 1, 0);
+  // A float32 slot serving one decode row reads x's row as its panel and adds straight into out's row: both
+  // are already (I, 1) and (O, 1), so neither the panel copy nor the local accumulator is needed.
+  std::vector<char> direct(S, 0);
   // Scatter work items (slot, first column of its tile), with their cumulative estimated cost; CSR slots.
   std::vector<std::pair<int64_t, int64_t>> tiles;
   std::vector<double> tile_cost{0.0};
@@ -147,14 +218,15 @@ void side_linear_kernel(
   int64_t widest = 0;
   for (int64_t s = 0; s < S; ++s) {
     width[s] = (slot_ptr[s + 1] - slot_ptr[s]) * T;
-    panel_off[s + 1] = panel_off[s] + I * width[s];
+    direct[s] = std::is_same_v<scalar_t, float> && width[s] == 1 && slots[s].row != nullptr;
+    panel_off[s + 1] = panel_off[s] + (direct[s] ? 0 : I * width[s]);
     dst_off[s + 1] = dst_off[s] + width[s];
     if (width[s] == 0) continue;
-    if (kept_rows[s].numel() == vals[s].numel()) {
+    if (slots[s].row != nullptr) {
       for (int64_t j0 = 0; j0 < width[s]; j0 += kTile) {
         const int64_t tw = std::min(kTile, width[s] - j0);
         tiles.emplace_back(s, j0);
-        tile_cost.push_back(tile_cost.back() + double(vals[s].numel()) * double(2 + tw) + double(O * tw));
+        tile_cost.push_back(tile_cost.back() + double(slots[s].nnz) * double(2 + tw) + double(O * tw));
       }
     } else {
       wide.push_back(s);
@@ -162,26 +234,29 @@ void side_linear_kernel(
     }
   }
   std::vector<int64_t> dst(dst_off[S]);
-  std::vector<float> panels(panel_off[S]);
-  at::parallel_for(0, S, 1, [&](int64_t s0, int64_t s1) {
+  std::unique_ptr<float[]> panels(new float[panel_off[S]]);  // every float is written before it is read
+  // Decode panels are small (I·rows floats): packed inline, since entering a parallel region costs more.
+  const int64_t panel_grain = panel_off[S] < kParallelPanel ? std::max<int64_t>(S, 1) : 1;
+  at::parallel_for(0, S, panel_grain, [&](int64_t s0, int64_t s1) {
     for (int64_t s = s0; s < s1; ++s) {
-      float* panel = panels.data() + panel_off[s];
       const int64_t w = width[s];
+      std::vector<const scalar_t*> src(w);
       int64_t j = 0;
       for (int64_t a = slot_ptr[s]; a < slot_ptr[s + 1]; ++a) {
         for (int64_t t = 0; t < T; ++t, ++j) {
           const int64_t flat = slot_rows[a] * T + t;
           dst[dst_off[s] + j] = flat * O;
-          const scalar_t* src = xp + flat * I;
-          for (int64_t c = 0; c < I; ++c) panel[c * w + j] = static_cast<float>(src[c]);
+          src[j] = xp + flat * I;
         }
       }
+      if (!direct[s]) pack_panel(panels.get() + panel_off[s], src.data(), w, I);
     }
   });
   const int64_t N = static_cast<int64_t>(tiles.size());
   if (N > 0) {
-    // One task per thread, the tiles split by estimated cost (slot widths differ under skewed mixes).
-    const int64_t tasks = std::min<int64_t>(N, at::get_num_threads());
+    // One task per thread, the tiles split by estimated cost (slot widths differ under skewed mixes); one task
+    // when the work is too little to pay for entering a parallel region.
+    const int64_t tasks = tile_cost.back() < kParallelCost ? 1 : std::min<int64_t>(N, at::get_num_threads());
     std::vector<int64_t> first(tasks + 1, N);
     first[0] = 0;
     for (int64_t t = 1, i = 0; t < tasks; ++t) {
@@ -194,23 +269,31 @@ void side_linear_kernel(
       for (int64_t i = first[t0]; i < first[t1]; ++i) {
         const auto [s, j0] = tiles[i];
         const int64_t w = width[s], tw = std::min(kTile, w - j0);
-        loc.assign(static_cast<size_t>(O * tw), 0.f);
-        const uint16_t* row = reinterpret_cast<const uint16_t*>(kept_rows[s].data_ptr<int16_t>());
-        const int32_t* col = cols[s].data_ptr<int32_t>();
-        const float* val = vals[s].data_ptr<float>();
-        const int64_t n = vals[s].numel();
-        const float* panel = panels.data() + panel_off[s] + j0;
-        float* l = loc.data();
-        switch (tw) {
-          case 1: scatter_slot<1>(row, col, val, n, panel, w, l); break;
-          case 2: scatter_slot<2>(row, col, val, n, panel, w, l); break;
-          case 3: scatter_slot<3>(row, col, val, n, panel, w, l); break;
-          case 4: scatter_slot<4>(row, col, val, n, panel, w, l); break;
-          case 5: scatter_slot<5>(row, col, val, n, panel, w, l); break;
-          case 6: scatter_slot<6>(row, col, val, n, panel, w, l); break;
-          case 7: scatter_slot<7>(row, col, val, n, panel, w, l); break;
-          default: scatter_slot<8>(row, col, val, n, panel, w, l); break;
+        const uint16_t* row = slots[s].row;
+        const float* val = slots[s].val;
+        const int64_t n = slots[s].nnz;
+        if (direct[s]) {  // scalar_t is float here
+          const int64_t flat = dst[dst_off[s]] / O;
+          float* y = reinterpret_cast<float*>(op) + flat * O;
+          const float* xr = reinterpret_cast<const float*>(xp) + flat * I;
+          with_cols(slots[s], [&](const auto* col) { scatter_slot<1>(row, col, val, n, xr, 1, y); });
+          continue;
         }
+        loc.assign(static_cast<size_t>(O * tw), 0.f);
+        const float* panel = panels.get() + panel_off[s] + j0;
+        float* l = loc.data();
+        with_cols(slots[s], [&](const auto* col) {
+          switch (tw) {
+            case 1: scatter_slot<1>(row, col, val, n, panel, w, l); break;
+            case 2: scatter_slot<2>(row, col, val, n, panel, w, l); break;
+            case 3: scatter_slot<3>(row, col, val, n, panel, w, l); break;
+            case 4: scatter_slot<4>(row, col, val, n, panel, w, l); break;
+            case 5: scatter_slot<5>(row, col, val, n, panel, w, l); break;
+            case 6: scatter_slot<6>(row, col, val, n, panel, w, l); break;
+            case 7: scatter_slot<7>(row, col, val, n, panel, w, l); break;
+            default: scatter_slot<8>(row, col, val, n, panel, w, l); break;
+          }
+        });
         const int64_t* to = dst.data() + dst_off[s] + j0;
         for (int64_t j = 0; j < tw; ++j) {
           scalar_t* y = op + to[j];
@@ -226,57 +309,55 @@ void side_linear_kernel(
     float* a = acc.data();
     for (const int64_t s : wide) {
       const int64_t w = width[s];
-      const float* panel = panels.data() + panel_off[s];
-      const int32_t* crow = crows[s].data_ptr<int32_t>();
-      const int32_t* col = cols[s].data_ptr<int32_t>();
-      const float* val = vals[s].data_ptr<float>();
+      const float* panel = panels.get() + panel_off[s];
+      const int32_t* crow = slots[s].crow;
+      const float* val = slots[s].val;
       const int64_t* to = dst.data() + dst_off[s];
-      for (int64_t o = o0; o < o1; ++o) {
-        const int32_t begin = crow[o], end = crow[o + 1];
-        if (begin == end) continue;
-        switch (w) {
-          case 1: dot_fixed<1>(col, val, begin, end, panel, a); break;
-          case 2: dot_fixed<2>(col, val, begin, end, panel, a); break;
-          case 3: dot_fixed<3>(col, val, begin, end, panel, a); break;
-          case 4: dot_fixed<4>(col, val, begin, end, panel, a); break;
-          default: dot_any(col, val, begin, end, panel, w, a);
+      with_cols(slots[s], [&](const auto* col) {
+        for (int64_t o = o0; o < o1; ++o) {
+          const int32_t begin = crow[o], end = crow[o + 1];
+          if (begin == end) continue;
+          switch (w) {
+            case 1: dot_fixed<1>(col, val, begin, end, panel, a); break;
+            case 2: dot_fixed<2>(col, val, begin, end, panel, a); break;
+            case 3: dot_fixed<3>(col, val, begin, end, panel, a); break;
+            case 4: dot_fixed<4>(col, val, begin, end, panel, a); break;
+            default: dot_any(col, val, begin, end, panel, w, a);
+          }
+          for (int64_t j = 0; j < w; ++j) {
+            scalar_t& y = op[to[j] + o];
+            y = static_cast<scalar_t>(static_cast<float>(y) + a[j]);
+          }
         }
-        for (int64_t j = 0; j < w; ++j) {
-          scalar_t& y = op[to[j] + o];
-          y = static_cast<scalar_t>(static_cast<float>(y) + a[j]);
-        }
-      }
+      });
     }
   });
 }
 
 }  // namespace
 
-void side_linear_(
-    torch::Tensor out, torch::Tensor x, std::vector<torch::Tensor> crows, std::vector<torch::Tensor> cols,
-    std::vector<torch::Tensor> vals, std::vector<torch::Tensor> kept_rows, torch::Tensor slot_ptr,
-    torch::Tensor slot_rows) {
-  TORCH_CHECK(out.dim() == 3 && x.dim() == 3, "out and x must be (B, T, features)");
-  TORCH_CHECK(out.is_contiguous() && x.is_contiguous(), "out and x must be contiguous");
-  TORCH_CHECK(out.device().is_cpu() && x.device().is_cpu(), "the native side kernel runs on CPU");
-  TORCH_CHECK(out.scalar_type() == x.scalar_type(), "out and x must share a dtype");
-  TORCH_CHECK(out.size(0) == x.size(0) && out.size(1) == x.size(1), "out and x must share (B, T)");
-  const int64_t S = static_cast<int64_t>(crows.size());
+// Validates once what side_linear_ would otherwise check on every call (per slot: dtypes, contiguity, sizes,
+// the CSR's end) and returns an (S, 7) int64 table of the slots' data pointers, nnz, out_features and column
+// width. The table does not own the tensors: the caller keeps them alive while it uses the table
+// (deltas_store.native wraps both in one object).
+torch::Tensor pack_slots(std::vector<torch::Tensor> crows, std::vector<torch::Tensor> cols,
+                         std::vector<torch::Tensor> vals, std::vector<torch::Tensor> kept_rows,
+                         int64_t out_features) {
+  const int64_t S = static_cast<int64_t>(crows.size()), O = out_features;
   TORCH_CHECK(static_cast<int64_t>(cols.size()) == S && static_cast<int64_t>(vals.size()) == S &&
                   static_cast<int64_t>(kept_rows.size()) == S,
               "one crow, col, val and kept_rows per slot");
-  TORCH_CHECK(slot_ptr.scalar_type() == torch::kInt64 && slot_rows.scalar_type() == torch::kInt64,
-              "slot_ptr and slot_rows must be int64");
-  TORCH_CHECK(slot_ptr.numel() == S + 1, "slot_ptr must have one entry per slot plus one");
-  const int64_t B = x.size(0), O = out.size(2);
-  const int64_t* ptr = slot_ptr.data_ptr<int64_t>();
-  const int64_t* rows = slot_rows.data_ptr<int64_t>();
-  TORCH_CHECK(ptr[0] == 0 && ptr[S] == slot_rows.numel(), "slot_ptr must span slot_rows");
-  for (int64_t s = 0; s < S; ++s) TORCH_CHECK(ptr[s] <= ptr[s + 1], "slot_ptr must not decrease");
-  for (int64_t a = 0; a < slot_rows.numel(); ++a) TORCH_CHECK(rows[a] >= 0 && rows[a] < B, "row out of range");
+  TORCH_CHECK(O >= 0, "out_features must be >= 0");
+  torch::Tensor table = torch::empty({S, kSlotFields}, torch::kInt64);
+  int64_t* t = table.data_ptr<int64_t>();
   for (int64_t s = 0; s < S; ++s) {
-    TORCH_CHECK(crows[s].scalar_type() == torch::kInt32 && cols[s].scalar_type() == torch::kInt32,
-                "crow and col must be int32");
+    for (const torch::Tensor* a : {&crows[s], &cols[s], &vals[s], &kept_rows[s]}) {
+      TORCH_CHECK(a->device().is_cpu() && a->dim() == 1, "slot arrays must be 1-D CPU tensors");
+    }
+    TORCH_CHECK(crows[s].scalar_type() == torch::kInt32, "crow must be int32");
+    // col: int32, or int16 read as uint16 (in_features <= 65536: 2 bytes less per kept value to stream).
+    const bool col16 = cols[s].scalar_type() == torch::kInt16;
+    TORCH_CHECK(col16 || cols[s].scalar_type() == torch::kInt32, "col must be int32 or int16");
     TORCH_CHECK(vals[s].scalar_type() == torch::kFloat32, "values must be float32");
     TORCH_CHECK(crows[s].is_contiguous() && cols[s].is_contiguous() && vals[s].is_contiguous(),
                 "crow, col and val must be contiguous");
@@ -289,10 +370,53 @@ void side_linear_(
                 "kept_rows must be empty or one contiguous int16 per kept value (out_features <= 65536)");
     // Bounds are the layout's invariants (checked when the delta was loaded); the last offset is cheap to check.
     TORCH_CHECK(crows[s].data_ptr<int32_t>()[O] == cols[s].numel(), "crow must end at nnz");
+    int64_t* r = t + s * kSlotFields;
+    r[0] = reinterpret_cast<int64_t>(crows[s].data_ptr<int32_t>());
+    r[1] = reinterpret_cast<int64_t>(cols[s].data_ptr());
+    r[2] = reinterpret_cast<int64_t>(vals[s].data_ptr<float>());
+    r[3] = kept_rows[s].numel() ? reinterpret_cast<int64_t>(kept_rows[s].data_ptr<int16_t>()) : 0;
+    r[4] = cols[s].numel();
+    r[5] = O;
+    r[6] = col16;
+  }
+  return table;
+}
+
+// out[r] += x[r] · ΔW_{slot(r)}ᵀ in place: slot s (a row of `slots`, from pack_slots) serves batch rows
+// slot_rows[slot_ptr[s] : slot_ptr[s + 1]].
+void side_linear_(torch::Tensor out, torch::Tensor x, torch::Tensor slots, torch::Tensor slot_ptr,
+                  torch::Tensor slot_rows) {
+  TORCH_CHECK(out.dim() == 3 && x.dim() == 3, "out and x must be (B, T, features)");
+  TORCH_CHECK(out.is_contiguous() && x.is_contiguous(), "out and x must be contiguous");
+  TORCH_CHECK(out.device().is_cpu() && x.device().is_cpu(), "the native side kernel runs on CPU");
+  TORCH_CHECK(out.scalar_type() == x.scalar_type(), "out and x must share a dtype");
+  TORCH_CHECK(out.size(0) == x.size(0) && out.size(1) == x.size(1), "out and x must share (B, T)");
+  TORCH_CHECK(slots.scalar_type() == torch::kInt64 && slots.dim() == 2 && slots.size(1) == kSlotFields &&
+                  slots.is_contiguous() && slots.device().is_cpu(),
+              "slots must be a table from pack_slots");
+  const int64_t S = slots.size(0);
+  TORCH_CHECK(slot_ptr.scalar_type() == torch::kInt64 && slot_rows.scalar_type() == torch::kInt64,
+              "slot_ptr and slot_rows must be int64");
+  TORCH_CHECK(slot_ptr.is_contiguous() && slot_rows.is_contiguous(), "slot_ptr and slot_rows must be contiguous");
+  TORCH_CHECK(slot_ptr.numel() == S + 1, "slot_ptr must have one entry per slot plus one");
+  const int64_t B = x.size(0), O = out.size(2);
+  const int64_t* ptr = slot_ptr.data_ptr<int64_t>();
+  const int64_t* rows = slot_rows.data_ptr<int64_t>();
+  TORCH_CHECK(ptr[0] == 0 && ptr[S] == slot_rows.numel(), "slot_ptr must span slot_rows");
+  for (int64_t s = 0; s < S; ++s) TORCH_CHECK(ptr[s] <= ptr[s + 1], "slot_ptr must not decrease");
+  for (int64_t a = 0; a < slot_rows.numel(); ++a) TORCH_CHECK(rows[a] >= 0 && rows[a] < B, "row out of range");
+  const int64_t* t = slots.data_ptr<int64_t>();
+  std::vector<Slot> unpacked(S);
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t* r = t + s * kSlotFields;
+    TORCH_CHECK(r[5] == O, "slot table packed for ", r[5], " output features, out has ", O);
+    unpacked[s] = Slot{reinterpret_cast<const int32_t*>(r[0]), reinterpret_cast<const void*>(r[1]),
+                       reinterpret_cast<const float*>(r[2]), reinterpret_cast<const uint16_t*>(r[3]), r[4],
+                       r[6] != 0};
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, x.scalar_type(),
                                   "side_linear_", [&] {
-    side_linear_kernel<scalar_t>(out, x, crows, cols, vals, kept_rows, ptr, rows);
+    side_linear_kernel<scalar_t>(out, x, unpacked, ptr, rows);
   });
 }
 
@@ -410,6 +534,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("assign_", &assign_, release(), "dst.flat[index] = src, bit for bit (sorted int64 index)");
   m.def("assign_runs_", &assign_runs_, release(),
         "dst.flat[runs] = src, one memcpy per run of consecutive positions");
+  m.def("pack_slots", &pack_slots, release(), "validate slots' CSR arrays once: an (S, 7) int64 pointer table");
   m.def("side_linear_", &side_linear_, release(), "out += x · ΔWᵀ per row's delta slot (in place)");
   m.def("seeded_keep", &seeded_keep, release(),
         "sorted int64 indices i < numel with mix32(mix32(i ^ a) ^ b) < threshold");

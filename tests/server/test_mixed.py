@@ -256,6 +256,10 @@ def test_a_failing_mixed_batch_fails_its_requests_and_leaves_the_model_intact(
         side_linear_ = staticmethod(broken)
 
         @staticmethod
+        def pack_slots(crows: list[torch.Tensor], *args: object) -> torch.Tensor:
+            return torch.zeros(len(crows), 7, dtype=torch.long)  # never read: side_linear_ fails first
+
+        @staticmethod
         def seeded_keep(numel: int, key_a: int, key_b: int, threshold: int) -> torch.Tensor:
             return _seeded_keep_torch(numel, key_a, key_b, threshold, "cpu")  # masks still work
 

@@ -81,33 +81,47 @@ def native_or_skip() -> native.NativeKernels:
     return native.build()  # where a compiler exists, the build must work
 
 
-NativeCall = tuple[
-    list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor
-]
+SlotLists = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]
+
+
+def slot_lists(
+    deltas: list[tuple[SparseRows, torch.Tensor]], slots: list[int], scatter: bool = True
+) -> SlotLists:
+    """The slots' CSR arrays as pack_slots takes them; `scatter=False` withholds the row indices."""
+    no_rows = torch.empty(0, dtype=torch.int16)
+    return (
+        [deltas[s][0].crow for s in slots],
+        [deltas[s][0].col for s in slots],
+        [deltas[s][0].values for s in slots],
+        [deltas[s][0].row if scatter and deltas[s][0].row is not None else no_rows for s in slots],
+    )
 
 
 def native_args(
-    deltas: list[tuple[SparseRows, torch.Tensor]], row_delta: list[int], scatter: bool = True
-) -> NativeCall:
-    """The kernel's arguments; `scatter=False` withholds the row indices, so every slot takes the CSR path."""
+    kernel: native.NativeKernels,
+    deltas: list[tuple[SparseRows, torch.Tensor]],
+    row_delta: list[int],
+    scatter: bool = True,
+) -> tuple[native.SlotTable, torch.Tensor, torch.Tensor]:
+    """(packed slots, slot_ptr, slot_rows) for rows `row_delta`; `scatter=False`: every slot takes the CSR path."""
     slots = sorted({d for d in row_delta if d >= 0})
     rows = [b for s in slots for b, d in enumerate(row_delta) if d == s]
     ptr = [0]
     for s in slots:
         ptr.append(ptr[-1] + row_delta.count(s))
-    return (
-        [deltas[s][0].crow for s in slots],
-        [deltas[s][0].col for s in slots],
-        [deltas[s][0].values for s in slots],
-        [
-            deltas[s][0].row
-            if scatter and deltas[s][0].row is not None
-            else torch.empty(0, dtype=torch.int16)
-            for s in slots
-        ],
-        torch.tensor(ptr),
-        torch.tensor(rows, dtype=torch.long),
-    )
+    out_features = deltas[0][0].shape[0]
+    table = native.SlotTable(kernel, *slot_lists(deltas, slots, scatter), out_features)
+    return table, torch.tensor(ptr), torch.tensor(rows, dtype=torch.long)
+
+
+def side_linear(
+    kernel: native.NativeKernels,
+    out: torch.Tensor,
+    x: torch.Tensor,
+    args: tuple[native.SlotTable, torch.Tensor, torch.Tensor],
+) -> None:
+    table, ptr, rows = args
+    kernel.side_linear_(out, x, table.table, ptr, rows)
 
 
 @pytest.mark.parametrize(
@@ -125,7 +139,7 @@ def test_native_side_kernel_adds_each_rows_dense_delta_product_in_place(
     x = torch.randn(len(row_delta), tokens, shape[1], generator=gen)
     out = torch.randn(len(row_delta), tokens, shape[0], generator=gen)
     before = out.clone()
-    kernel.side_linear_(out, x, *native_args(deltas, row_delta, scatter))
+    side_linear(kernel, out, x, native_args(kernel, deltas, row_delta, scatter))
     for row, d in enumerate(row_delta):
         expected = before[row] + (x[row] @ deltas[d][1].T if d >= 0 else 0)
         if d < 0:
@@ -141,7 +155,7 @@ def test_native_side_kernel_accumulates_in_float32_for_every_activation_dtype(dt
     row_delta = [0, 1, 1, -1]
     x = torch.randn(4, 2, shape[1], generator=torch.Generator().manual_seed(3)).to(dtype)
     out = torch.zeros(4, 2, shape[0], dtype=dtype)
-    kernel.side_linear_(out, x, *native_args(deltas, row_delta))
+    side_linear(kernel, out, x, native_args(kernel, deltas, row_delta))
     for row, d in enumerate(row_delta):
         expected = x[row].float() @ deltas[d][1].T if d >= 0 else torch.zeros(2, shape[0])
         torch.testing.assert_close(out[row].float(), expected, rtol=1e-2, atol=1e-2)
@@ -156,8 +170,52 @@ def test_native_scatter_path_reaches_output_rows_past_int16() -> None:
     assert deltas[0][0].row is not None and int(deltas[0][0].row.min()) < 0  # some rows did wrap in int16
     x = torch.randn(2, 1, shape[1], generator=torch.Generator().manual_seed(1))
     out = torch.zeros(2, 1, shape[0])
-    kernel.side_linear_(out, x, *native_args(deltas, [0, 0]))
+    side_linear(kernel, out, x, native_args(kernel, deltas, [0, 0]))
     torch.testing.assert_close(out[:, 0], x[:, 0] @ deltas[0][1].T, rtol=1e-5, atol=1e-5)
+
+
+def test_columns_past_int16_reach_their_inputs_on_both_paths() -> None:
+    """Column indices are stored as int16 on CPU and read back as uint16: inputs 32768..65535 (a wide
+    down-projection) must be the ones multiplied, by the native kernel and by the torch-ops path."""
+    shape = (3, 40_000)
+    delta, dense = sparse_rows(shape, 0.002, 6)
+    assert delta.col.dtype == torch.int16 and int(delta.col.min()) < 0  # some columns did wrap in int16
+    assert int(delta.columns().max()) >= 32768
+    x = torch.randn(2, 1, shape[1], generator=torch.Generator().manual_seed(2))
+    expected = x[:, 0] @ dense.T
+    matrix = block_diagonal([delta], shape)
+    assert matrix is not None
+    rows = torch.tensor([0, 1])
+    side = grouped_side(matrix, x, 2, rows, torch.tensor([0, 0]), rows)
+    torch.testing.assert_close(side[:, 0], expected, rtol=1e-5, atol=1e-5)
+    kernel = native_or_skip()
+    out = torch.zeros(2, 1, shape[0])
+    side_linear(kernel, out, x, native_args(kernel, [(delta, dense)], [0, 0]))
+    torch.testing.assert_close(out[:, 0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_native_slot_packing_rejects_inconsistent_arrays() -> None:
+    kernel = native_or_skip()
+    shape = (8, 6)
+    deltas = [sparse_rows(shape, 0.5, 0)]
+    crows, cols, vals, kept = slot_lists(deltas, [0])
+    bad = {
+        "crow must have": ([crows[0][:-1]], cols, vals, kept),
+        "col and val must match": (crows, cols, [vals[0][:-1]], kept),
+        "col must be int32 or int16": (crows, [cols[0].long()], vals, kept),
+        "crow must be int32": ([crows[0].long()], cols, vals, kept),
+        "float32": (crows, cols, [vals[0].double()], kept),
+        "contiguous": (crows, [torch.stack([cols[0], cols[0]], 1)[:, 0]], vals, kept),
+        "kept_rows must be": (crows, cols, vals, [kept[0].int()]),
+        "kept_rows must be empty": (crows, cols, vals, [kept[0][:-1]]),
+        "one crow, col, val and kept_rows": (crows, cols, vals, []),
+        "crow must end at nnz": ([crows[0] - crows[0].clamp(max=1)], cols, vals, kept),
+    }
+    for message, args in bad.items():
+        with pytest.raises(RuntimeError, match=message):
+            kernel.pack_slots(*args, shape[0])
+    table = kernel.pack_slots(crows, cols, vals, kept, shape[0])
+    assert table.shape == (1, 7) and table[0, 4] == vals[0].numel() and table[0, 5] == shape[0]
 
 
 def test_native_side_kernel_rejects_inconsistent_arguments_and_writes_nothing() -> None:
@@ -166,23 +224,20 @@ def test_native_side_kernel_rejects_inconsistent_arguments_and_writes_nothing() 
     deltas = [sparse_rows(shape, 0.5, 0)]
     x = torch.randn(2, 1, shape[1])
     out = torch.zeros(2, 1, shape[0])
-    crows, cols, vals, kept, ptr, rows = native_args(deltas, [0, 0])
+    table, ptr, rows = native_args(kernel, deltas, [0, 0])
+    other = native.SlotTable(kernel, *slot_lists([sparse_rows((5, 6), 0.5, 0)], [0]), 5)
     bad = {
-        "row out of range": (crows, cols, vals, kept, ptr, torch.tensor([0, 5])),
-        "crow must have": ([crows[0][:-1]], cols, vals, kept, ptr, rows),
-        "col and val must match": (crows, cols, [vals[0][:-1]], kept, ptr, rows),
-        "int32": (crows, [cols[0].long()], vals, kept, ptr, rows),
-        "float32": (crows, cols, [vals[0].double()], kept, ptr, rows),
-        "slot_ptr": (crows, cols, vals, kept, torch.tensor([0, 1]), rows),
-        "kept_rows must be": (crows, cols, vals, [kept[0].int()], ptr, rows),
-        "kept_rows must be empty": (crows, cols, vals, [kept[0][:-1]], ptr, rows),
-        "one crow, col, val and kept_rows": (crows, cols, vals, [], ptr, rows),
+        "row out of range": (out, x, table.table, ptr, torch.tensor([0, 5])),
+        "slot_ptr must have": (out, x, table.table, torch.tensor([0, 1, 2]), rows),
+        "slot_ptr must span": (out, x, table.table, torch.tensor([0, 1]), rows),
+        "table from pack_slots": (out, x, table.table.int(), ptr, rows),
+        "packed for 5 output features": (out, x, other.table, ptr, rows),
+        "share a dtype": (out.double(), x, table.table, ptr, rows),
+        "share \\(B, T\\)": (out[:1], x, table.table, ptr, rows),
     }
     for message, args in bad.items():
         with pytest.raises(RuntimeError, match=message):
-            kernel.side_linear_(out, x, *args)
-    with pytest.raises(RuntimeError, match="share a dtype"):
-        kernel.side_linear_(out.double(), x, crows, cols, vals, kept, ptr, rows)
+            kernel.side_linear_(*args)
     assert not out.any()
 
 

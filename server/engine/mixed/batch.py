@@ -24,18 +24,15 @@ from server.engine.request import GenerationRequest
 
 _Hook = Callable[[nn.Module, tuple[Any, ...], torch.Tensor], None]
 _TORCH = object()  # a Linear whose side term the torch-ops path computes
-# A Linear's per-slot CSR arrays (crows, cols, vals, kept_rows) and their slots' positions in group order.
-_SlotCsrs = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[int]]
+# A Linear's slots packed for the native kernel (those whose delta changes it), and their positions in group order.
+_SlotCsrs = tuple[native.SlotTable, list[int]]
 _NO_ROWS = torch.empty(0, dtype=torch.int16)  # a layout without row indices: the native kernel's CSR path
 
 
 class NativeArgs(NamedTuple):
-    """One native side-kernel call's arguments after (out, x): per slot with rows, its CSR; the row groups."""
+    """One native side-kernel call's arguments after (out, x): the packed slots with rows; their row groups."""
 
-    crows: list[torch.Tensor]
-    cols: list[torch.Tensor]
-    vals: list[torch.Tensor]
-    kept_rows: list[torch.Tensor]  # per slot: each kept value's output row, or empty (no scatter path)
+    slots: native.SlotTable
     slot_ptr: torch.Tensor  # (S + 1,) int64 offsets into slot_rows
     slot_rows: torch.Tensor  # (A,) int64 batch rows, grouped by slot
 
@@ -81,6 +78,9 @@ class MixedBatch:
         self._norm_rows: dict[tuple[str, int], torch.Tensor] = {}
         self._csr_lists: dict[tuple[str, tuple[int, ...]], _SlotCsrs | None] = {}
         self._group_key: tuple[int, ...] = ()
+        self._pinned: dict[
+            int, MixedDelta
+        ] = {}  # every delta keyed by id above, so no id is reused meanwhile
         # Per refresh: the (slot_ptr, slot_rows) of each set of present slots (one set for nearly every Linear).
         self._row_groups: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -100,6 +100,7 @@ class MixedBatch:
             if request.model not in slot_of:
                 slot_of[request.model] = len(self._slots)
                 self._slots.append(delta)
+                self._pinned[id(delta)] = delta
             row_delta.append(slot_of[request.model])
         chunking = plan_chunks(row_delta, [d.linear_nnz for d in self._slots])
         self._width, self._chunks, self._row_slot = chunking.width, chunking.chunks, list(chunking.row_slot)
@@ -204,8 +205,8 @@ class MixedBatch:
         if lists is None:
             args = _TORCH
         else:
-            crows, cols, vals, kept_rows, present = lists
-            args = NativeArgs(crows, cols, vals, kept_rows, *self._rows_of(present)) if present else None
+            slots, present = lists
+            args = NativeArgs(slots, *self._rows_of(present)) if present else None
         self._native_args[name] = args
         return args
 
@@ -240,7 +241,9 @@ class MixedBatch:
             vals.append(matrix.values)
             kept_rows.append(_NO_ROWS if matrix.row is None else matrix.row)
             present.append(position)
-        return crows, cols, vals, kept_rows, present
+        assert self._native is not None
+        table = native.SlotTable(self._native, crows, cols, vals, kept_rows, self.uses.shapes[name][0])
+        return table, present
 
     def _linear_hook(self, name: str) -> _Hook:
         def hook(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
@@ -251,7 +254,8 @@ class MixedBatch:
                 assert self._native is not None and isinstance(call, NativeArgs)
                 x = args[0]
                 x3 = x.reshape(x.shape[0], -1, x.shape[-1]).contiguous()
-                self._native.side_linear_(out.view(out.shape[0], -1, out.shape[-1]), x3, *call)
+                out3 = out.view(out.shape[0], -1, out.shape[-1])
+                self._native.side_linear_(out3, x3, call.slots.table, call.slot_ptr, call.slot_rows)
                 return
             if name not in self._matrices:
                 blocks = [self._slots[s].matrices.get(name) for s in self._chunks]

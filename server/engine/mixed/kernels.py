@@ -83,7 +83,7 @@ def block_diagonal(blocks: Sequence[SparseRows | None], shape: tuple[int, int]) 
         crow = empty_crow if block is None else block.crow
         crows.append(crow[:-1] + offset)
         if block is not None and block.nnz:
-            col_parts.append(block.col + k * cols)
+            col_parts.append((block.columns() + k * cols).to(ref.crow.dtype))
             value_parts.append(block.values)
             offset += block.nnz
     crows.append(empty_crow[-1:] + offset)
@@ -145,7 +145,7 @@ def stack_rows(blocks: Sequence[SparseRows | None], shape: tuple[int, int]) -> S
         crows.append(crow[:-1] + offset)
         offset += 0 if block is None else block.nnz
     crows.append(torch.tensor([offset], device=device))
-    col = torch.cat([b.col.long() for b in present])
+    col = torch.cat([b.columns() for b in present])
     values = torch.cat([b.values for b in present])
     return StackedRows(torch.cat(crows), col, values, vocab, width)
 

@@ -16,7 +16,9 @@ class SparseRows:
     """ΔW of one (rows, cols) weight in CSR: row r keeps columns col[crow[r]:crow[r+1]] with those values."""
 
     crow: torch.Tensor  # (rows + 1,) int32 offsets into col/values
-    col: torch.Tensor  # (nnz,) int32 column of each kept value, ascending within a row
+    # (nnz,) column of each kept value, ascending within a row: int16 read as uint16 on CPU where cols <= 65536
+    # (what the native kernel streams: 2 bytes less per kept value), else int32. `columns()` reads either.
+    col: torch.Tensor
     values: torch.Tensor  # (nnz,) the delta's kept values (already scaled), in the side-compute dtype
     shape: tuple[int, int]
     # (nnz,) int16 (read as uint16) output row of each kept value, for the native kernel's scatter path
@@ -26,6 +28,10 @@ class SparseRows:
     @property
     def nnz(self) -> int:
         return self.col.numel()
+
+    def columns(self) -> torch.Tensor:
+        """(nnz,) int64 column indices, whatever width `col` is stored at."""
+        return _unsigned(self.col)
 
     @property
     def nbytes(self) -> int:
@@ -95,7 +101,13 @@ def build_mixed(
     return MixedDelta(prepared.name, matrices, norms, linear_nnz, density)
 
 
-_ROW_LIMIT = 1 << 16  # output rows a uint16 row index can name
+_ROW_LIMIT = 1 << 16  # rows (or columns) a uint16 index can name
+
+
+def _unsigned(index: torch.Tensor) -> torch.Tensor:
+    """int64 of an index array, reading int16 storage as uint16."""
+    wide = index.long()
+    return wide & 0xFFFF if index.dtype == torch.int16 else wide
 
 
 def _csr(
@@ -110,4 +122,6 @@ def _csr(
     row = None
     if device.type == "cpu" and rows <= _ROW_LIMIT:
         row = (index // cols).to(torch.int16)  # wraps above 32767: the kernel reads it back as uint16
-    return SparseRows(crow.int(), (index % cols).int(), values.to(device, dtype), shape, row)
+    narrow = device.type == "cpu" and cols <= _ROW_LIMIT
+    col = (index % cols).to(torch.int16 if narrow else torch.int32)  # int16 wraps likewise
+    return SparseRows(crow.int(), col, values.to(device, dtype), shape, row)
