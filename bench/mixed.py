@@ -119,7 +119,9 @@ def side_kernels(
         csr = [deltas[d][0] for d in used]
         crows, cols, vals = [c.crow for c in csr], [c.col for c in csr], [c.values for c in csr]
         kept = [c.row if c.row is not None else torch.empty(0, dtype=torch.int16) for c in csr]
-        slots = native.SlotTable(kernels_native, crows, cols, vals, kept, shape[0])  # once per delta set
+        slots = native.SlotTable(
+            kernels_native, crows, cols, vals, kept, [shape[0]] * len(csr)
+        )  # once per delta set
         out = x.new_zeros(x.shape[0], x.shape[1], shape[0])
 
         def run_native() -> torch.Tensor:

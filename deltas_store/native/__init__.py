@@ -62,13 +62,22 @@ class NativeKernels(Protocol):
         cols: list[torch.Tensor],
         vals: list[torch.Tensor],
         kept_rows: list[torch.Tensor],
-        out_features: int,
+        out_features: list[int],
     ) -> torch.Tensor: ...
 
     def side_linear_(
         self,
         out: torch.Tensor,
         x: torch.Tensor,
+        slots: torch.Tensor,
+        slot_ptr: torch.Tensor,
+        slot_rows: torch.Tensor,
+    ) -> None: ...
+
+    def embedding_side_(
+        self,
+        out: torch.Tensor,
+        ids: torch.Tensor,
         slots: torch.Tensor,
         slot_ptr: torch.Tensor,
         slot_rows: torch.Tensor,
@@ -87,8 +96,10 @@ class NativeKernels(Protocol):
 
 class SlotTable:
     """The side kernel's slots, validated once: `table` (S, 7) int64 holds raw pointers into `tensors`, which
-    this object keeps alive. Build one per (Linear, set of deltas) and reuse it every step: a call with lists
-    of tensors paid ~1.5 µs per slot converting and checking them (~25 µs per Linear with 16 deltas)."""
+    this object keeps alive. Slots may belong to different Linears (`out_features` per slot; side_linear_
+    checks it against its output) and may be empty (a Linear the delta leaves alone). Build them once and
+    reuse them every step: a call with lists of tensors paid ~1.5 µs per slot converting and checking them
+    (~25 µs per Linear with 16 deltas)."""
 
     __slots__ = ("table", "tensors")
 
@@ -99,7 +110,7 @@ class SlotTable:
         cols: list[torch.Tensor],
         vals: list[torch.Tensor],
         kept_rows: list[torch.Tensor],
-        out_features: int,
+        out_features: list[int],
     ) -> None:
         self.tensors = (tuple(crows), tuple(cols), tuple(vals), tuple(kept_rows))
         self.table = kernels.pack_slots(crows, cols, vals, kept_rows, out_features)

@@ -6,7 +6,7 @@
 // assign_ / assign_runs_ — the hot-swap write: kept values (or the originals) into the flat weights, bit for
 // bit, element by element or, for masks whose kept entries come in runs (block masks), one memcpy per run.
 //
-// side_linear_ — mixed-batch side products: out[r, t, :] += x[r, t, :] · ΔW_{slot(r)}ᵀ for every row r with a
+// side_linear_ / embedding_side_ — mixed-batch side products: out[r, t, :] += x[r, t, :] · ΔW_{slot(r)}ᵀ for every row r with a
 // delta, in one call per Linear for the whole batch (no loop over deltas in Python, no weight written).
 //
 // Each slot's ΔW is CSR (crow (O+1,) int32, col (nnz,) int32 or int16 read as uint16, val (nnz,) float32),
@@ -25,6 +25,7 @@
 //   * CSR (layouts without row indices: more than 65536 output rows): rows accumulated in registers over W
 //     columns; output rows split across torch's intra-op threads.
 #include <torch/extension.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -217,7 +218,7 @@ void side_linear_kernel(torch::Tensor& out, const torch::Tensor& x, const std::v
   std::vector<int64_t> wide;
   int64_t widest = 0;
   for (int64_t s = 0; s < S; ++s) {
-    width[s] = (slot_ptr[s + 1] - slot_ptr[s]) * T;
+    width[s] = slots[s].nnz > 0 ? (slot_ptr[s + 1] - slot_ptr[s]) * T : 0;  // an empty slot adds nothing
     direct[s] = std::is_same_v<scalar_t, float> && width[s] == 1 && slots[s].row != nullptr;
     panel_off[s + 1] = panel_off[s] + (direct[s] ? 0 : I * width[s]);
     dst_off[s + 1] = dst_off[s] + width[s];
@@ -240,6 +241,7 @@ void side_linear_kernel(torch::Tensor& out, const torch::Tensor& x, const std::v
   at::parallel_for(0, S, panel_grain, [&](int64_t s0, int64_t s1) {
     for (int64_t s = s0; s < s1; ++s) {
       const int64_t w = width[s];
+      if (w == 0) continue;
       std::vector<const scalar_t*> src(w);
       int64_t j = 0;
       for (int64_t a = slot_ptr[s]; a < slot_ptr[s + 1]; ++a) {
@@ -342,18 +344,23 @@ void side_linear_kernel(torch::Tensor& out, const torch::Tensor& x, const std::v
 // (deltas_store.native wraps both in one object).
 torch::Tensor pack_slots(std::vector<torch::Tensor> crows, std::vector<torch::Tensor> cols,
                          std::vector<torch::Tensor> vals, std::vector<torch::Tensor> kept_rows,
-                         int64_t out_features) {
-  const int64_t S = static_cast<int64_t>(crows.size()), O = out_features;
+                         std::vector<int64_t> out_features) {
+  const int64_t S = static_cast<int64_t>(crows.size());
   TORCH_CHECK(static_cast<int64_t>(cols.size()) == S && static_cast<int64_t>(vals.size()) == S &&
-                  static_cast<int64_t>(kept_rows.size()) == S,
-              "one crow, col, val and kept_rows per slot");
-  TORCH_CHECK(O >= 0, "out_features must be >= 0");
-  torch::Tensor table = torch::empty({S, kSlotFields}, torch::kInt64);
+                  static_cast<int64_t>(kept_rows.size()) == S &&
+                  static_cast<int64_t>(out_features.size()) == S,
+              "one crow, col, val, kept_rows and out_features per slot");
+  torch::Tensor table = torch::zeros({S, kSlotFields}, torch::kInt64);
   int64_t* t = table.data_ptr<int64_t>();
   for (int64_t s = 0; s < S; ++s) {
+    const int64_t O = out_features[s];
+    TORCH_CHECK(O >= 0, "out_features must be >= 0");
     for (const torch::Tensor* a : {&crows[s], &cols[s], &vals[s], &kept_rows[s]}) {
       TORCH_CHECK(a->device().is_cpu() && a->dim() == 1, "slot arrays must be 1-D CPU tensors");
     }
+    t[s * kSlotFields + 5] = O;
+    // A slot with no kept values (a Linear its delta leaves alone) is skipped by side_linear_: no arrays.
+    if (cols[s].numel() == 0 && vals[s].numel() == 0) continue;
     TORCH_CHECK(crows[s].scalar_type() == torch::kInt32, "crow must be int32");
     // col: int32, or int16 read as uint16 (in_features <= 65536: 2 bytes less per kept value to stream).
     const bool col16 = cols[s].scalar_type() == torch::kInt16;
@@ -417,6 +424,76 @@ void side_linear_(torch::Tensor out, torch::Tensor x, torch::Tensor slots, torch
   AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, x.scalar_type(),
                                   "side_linear_", [&] {
     side_linear_kernel<scalar_t>(out, x, unpacked, ptr, rows);
+  });
+}
+
+namespace {
+
+template <typename scalar_t, typename col_t>
+void embedding_rows(scalar_t* y, const int32_t* crow, const col_t* col, const float* val, int64_t token) {
+  for (int32_t k = crow[token]; k < crow[token + 1]; ++k) {
+    scalar_t& e = y[static_cast<int64_t>(col[k])];
+    // The value in the weight's dtype first, as patching computes weight + value (one rounding, like it).
+    using acc_t = at::opmath_type<scalar_t>;  // float for half types, the type itself otherwise
+    e = static_cast<scalar_t>(static_cast<acc_t>(e) + static_cast<acc_t>(static_cast<scalar_t>(val[k])));
+  }
+}
+
+}  // namespace
+
+// out[r, t, :] += ΔE_{slot(r)}[ids[r, t], :] in place, one add per kept value in out's dtype: exactly the
+// patched embedding's row. Slots as side_linear_'s (a table from pack_slots, out_features = vocabulary).
+void embedding_side_(torch::Tensor out, torch::Tensor ids, torch::Tensor slots, torch::Tensor slot_ptr,
+                     torch::Tensor slot_rows) {
+  TORCH_CHECK(out.dim() == 3 && out.is_contiguous() && out.device().is_cpu(), "out must be contiguous (B, T, H)");
+  TORCH_CHECK(ids.dim() == 2 && ids.is_contiguous() && ids.scalar_type() == torch::kInt64 && ids.device().is_cpu(),
+              "ids must be contiguous int64 (B, T)");
+  TORCH_CHECK(out.size(0) == ids.size(0) && out.size(1) == ids.size(1), "out and ids must share (B, T)");
+  TORCH_CHECK(slots.scalar_type() == torch::kInt64 && slots.dim() == 2 && slots.size(1) == kSlotFields &&
+                  slots.is_contiguous() && slots.device().is_cpu(),
+              "slots must be a table from pack_slots");
+  const int64_t S = slots.size(0), B = ids.size(0), T = ids.size(1), H = out.size(2);
+  TORCH_CHECK(slot_ptr.scalar_type() == torch::kInt64 && slot_rows.scalar_type() == torch::kInt64 &&
+                  slot_ptr.is_contiguous() && slot_rows.is_contiguous() && slot_ptr.numel() == S + 1,
+              "slot_ptr (S + 1,) and slot_rows must be contiguous int64");
+  const int64_t* ptr = slot_ptr.data_ptr<int64_t>();
+  const int64_t* rows = slot_rows.data_ptr<int64_t>();
+  TORCH_CHECK(ptr[0] == 0 && ptr[S] == slot_rows.numel(), "slot_ptr must span slot_rows");
+  for (int64_t s = 0; s < S; ++s) TORCH_CHECK(ptr[s] <= ptr[s + 1], "slot_ptr must not decrease");
+  for (int64_t a = 0; a < slot_rows.numel(); ++a) TORCH_CHECK(rows[a] >= 0 && rows[a] < B, "row out of range");
+  const int64_t* t = slots.data_ptr<int64_t>();
+  const int64_t* id = ids.data_ptr<int64_t>();
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t* r = t + s * kSlotFields;
+    if (r[4] == 0) continue;  // the delta leaves this embedding alone
+    const int64_t V = r[5];
+    for (int64_t a = ptr[s]; a < ptr[s + 1]; ++a) {
+      for (int64_t j = 0; j < T; ++j) {
+        const int64_t token = id[rows[a] * T + j];
+        TORCH_CHECK(token >= 0 && token < V, "token id ", token, " out of range for a vocabulary of ", V);
+      }
+    }
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, out.scalar_type(),
+                                  "embedding_side_", [&] {
+    scalar_t* op = out.data_ptr<scalar_t>();
+    for (int64_t s = 0; s < S; ++s) {
+      const int64_t* r = t + s * kSlotFields;
+      if (r[4] == 0) continue;
+      const auto* crow = reinterpret_cast<const int32_t*>(r[0]);
+      const auto* val = reinterpret_cast<const float*>(r[2]);
+      for (int64_t a = ptr[s]; a < ptr[s + 1]; ++a) {
+        for (int64_t j = 0; j < T; ++j) {
+          const int64_t flat = rows[a] * T + j;
+          scalar_t* y = op + flat * H;
+          if (r[6]) {
+            embedding_rows(y, crow, reinterpret_cast<const uint16_t*>(r[1]), val, id[flat]);
+          } else {
+            embedding_rows(y, crow, reinterpret_cast<const int32_t*>(r[1]), val, id[flat]);
+          }
+        }
+      }
+    }
   });
 }
 
@@ -536,6 +613,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "dst.flat[runs] = src, one memcpy per run of consecutive positions");
   m.def("pack_slots", &pack_slots, release(), "validate slots' CSR arrays once: an (S, 7) int64 pointer table");
   m.def("side_linear_", &side_linear_, release(), "out += x · ΔWᵀ per row's delta slot (in place)");
+  m.def("embedding_side_", &embedding_side_, release(), "out += each token's ΔE row per row's delta slot");
   m.def("seeded_keep", &seeded_keep, release(),
         "sorted int64 indices i < numel with mix32(mix32(i ^ a) ^ b) < threshold");
 }

@@ -28,6 +28,10 @@ class RowHooks(Protocol):
     def select(self, keep: torch.Tensor) -> None:
         """Rows `keep` (K,) of the current batch stay, in that order (the others finished)."""
 
+    def relay(self, requests: Sequence[GenerationRequest], device: torch.device) -> None:
+        """The rows changed wholesale (rows joining are prefilled on their own, then decode with the
+        others): what `end` then `begin(requests)` would do, as cheaply as the hooks can."""
+
     def end(self) -> None:
         """The batch is over (also after an error)."""
 
@@ -254,14 +258,12 @@ class Engine:
         """Prefill rows that join a running batch on their own (the hooks see only them meanwhile), then
         re-lay the hooks over every row; returns their (first tokens, mask, positions, cache, generated)."""
         for hooks in current:
-            hooks.end()
-            hooks.begin([r.request for r in joined], self.device)
+            hooks.relay([r.request for r in joined], self.device)
         try:
             logits, mask, positions, cache = self._prefill(joined)
         finally:
             for hooks in current:
-                hooks.end()
-                hooks.begin([r.request for r in rows + joined], self.device)
+                hooks.relay([r.request for r in rows + joined], self.device)
         tokens, generated = self._step(joined, logits, first=True)
         return tokens, mask, positions, cache, generated
 

@@ -257,7 +257,9 @@ def test_a_failing_mixed_batch_fails_its_requests_and_leaves_the_model_intact(
 
         @staticmethod
         def pack_slots(crows: list[torch.Tensor], *args: object) -> torch.Tensor:
-            return torch.zeros(len(crows), 7, dtype=torch.long)  # never read: side_linear_ fails first
+            table = torch.zeros(len(crows), 7, dtype=torch.long)  # never read: side_linear_ fails first
+            table[:, 4] = 1  # but it claims kept values everywhere, so side_linear_ is called
+            return table
 
         @staticmethod
         def seeded_keep(numel: int, key_a: int, key_b: int, threshold: int) -> torch.Tensor:

@@ -110,7 +110,7 @@ def native_args(
     for s in slots:
         ptr.append(ptr[-1] + row_delta.count(s))
     out_features = deltas[0][0].shape[0]
-    table = native.SlotTable(kernel, *slot_lists(deltas, slots, scatter), out_features)
+    table = native.SlotTable(kernel, *slot_lists(deltas, slots, scatter), [out_features] * len(slots))
     return table, torch.tensor(ptr), torch.tensor(rows, dtype=torch.long)
 
 
@@ -194,6 +194,30 @@ def test_columns_past_int16_reach_their_inputs_on_both_paths() -> None:
     torch.testing.assert_close(out[:, 0], expected, rtol=1e-5, atol=1e-5)
 
 
+def test_native_side_kernel_skips_empty_slots_and_leaves_their_rows_alone() -> None:
+    """A delta that leaves a Linear alone still has its slot in the batch's table (nnz 0, no arrays)."""
+    kernel = native_or_skip()
+    shape = (9, 7)
+    (a, dense_a), (b, dense_b) = sparse_rows(shape, 0.4, 1), sparse_rows(shape, 0.4, 2)
+    empty = torch.empty(0, dtype=torch.int16)
+    table = native.SlotTable(
+        kernel,
+        [a.crow, empty, b.crow],
+        [a.col, empty, b.col],
+        [a.values, empty.float(), b.values],
+        [a.row, empty, b.row],  # type: ignore[list-item]
+        [shape[0]] * 3,
+    )
+    assert table.table[1, 4] == 0 and table.table[1, 5] == shape[0]
+    x = torch.randn(3, 2, shape[1], generator=torch.Generator().manual_seed(4))
+    out = torch.randn(3, 2, shape[0], generator=torch.Generator().manual_seed(5))
+    before = out.clone()
+    kernel.side_linear_(out, x, table.table, torch.tensor([0, 1, 2, 3]), torch.tensor([2, 1, 0]))
+    torch.testing.assert_close(out[2], before[2] + x[2] @ dense_a.T, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[1], before[1])
+    torch.testing.assert_close(out[0], before[0] + x[0] @ dense_b.T, rtol=1e-5, atol=1e-5)
+
+
 def test_native_slot_packing_rejects_inconsistent_arrays() -> None:
     kernel = native_or_skip()
     shape = (8, 6)
@@ -208,13 +232,13 @@ def test_native_slot_packing_rejects_inconsistent_arrays() -> None:
         "contiguous": (crows, [torch.stack([cols[0], cols[0]], 1)[:, 0]], vals, kept),
         "kept_rows must be": (crows, cols, vals, [kept[0].int()]),
         "kept_rows must be empty": (crows, cols, vals, [kept[0][:-1]]),
-        "one crow, col, val and kept_rows": (crows, cols, vals, []),
+        "one crow, col, val, kept_rows and out_features": (crows, cols, vals, []),
         "crow must end at nnz": ([crows[0] - crows[0].clamp(max=1)], cols, vals, kept),
     }
     for message, args in bad.items():
         with pytest.raises(RuntimeError, match=message):
-            kernel.pack_slots(*args, shape[0])
-    table = kernel.pack_slots(crows, cols, vals, kept, shape[0])
+            kernel.pack_slots(*args, [shape[0]] * len(args[0]))
+    table = kernel.pack_slots(crows, cols, vals, kept, [shape[0]])
     assert table.shape == (1, 7) and table[0, 4] == vals[0].numel() and table[0, 5] == shape[0]
 
 
@@ -225,7 +249,7 @@ def test_native_side_kernel_rejects_inconsistent_arguments_and_writes_nothing() 
     x = torch.randn(2, 1, shape[1])
     out = torch.zeros(2, 1, shape[0])
     table, ptr, rows = native_args(kernel, deltas, [0, 0])
-    other = native.SlotTable(kernel, *slot_lists([sparse_rows((5, 6), 0.5, 0)], [0]), 5)
+    other = native.SlotTable(kernel, *slot_lists([sparse_rows((5, 6), 0.5, 0)], [0]), [5])
     bad = {
         "row out of range": (out, x, table.table, ptr, torch.tensor([0, 5])),
         "slot_ptr must have": (out, x, table.table, torch.tensor([0, 1, 2]), rows),
@@ -272,6 +296,41 @@ def test_embedding_side_is_exactly_the_patched_embedding_row() -> None:
         assert torch.equal(out[b], expected), b
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_native_embedding_side_is_exactly_the_patched_embedding_row(dtype: torch.dtype) -> None:
+    kernel = native_or_skip()
+    vocab, width = 20, 6
+    table = torch.randn(vocab, width).to(dtype)
+    deltas = [sparse_rows((vocab, width), 0.4, seed) for seed in (1, 2)]
+    empty = torch.empty(0, dtype=torch.int16)
+    slots = native.SlotTable(  # slot 1: a delta that leaves the embedding alone
+        kernel,
+        [deltas[0][0].crow, empty, deltas[1][0].crow],
+        [deltas[0][0].col, empty, deltas[1][0].col],
+        [deltas[0][0].values, empty.float(), deltas[1][0].values],
+        [empty, empty, empty],
+        [vocab] * 3,
+    )
+    ids = torch.randint(0, vocab, (4, 3), generator=torch.Generator().manual_seed(3))
+    out = table[ids]  # (B, T, H) what nn.Embedding returns
+    row_slot = [2, -1, 0, 1]  # row 1: the base model; row 3: the empty slot
+    ptr, rows = torch.tensor([0, 1, 2, 3]), torch.tensor([2, 3, 0])
+    kernel.embedding_side_(out, ids, slots.table, ptr, rows)
+    for b, slot in enumerate(row_slot):
+        expected = table[ids[b]]
+        if slot in (0, 2):
+            dense = deltas[slot // 2][1].reshape(-1)
+            flat_index = dense.nonzero().squeeze(1)
+            expected = patched(table, flat_index, dense[flat_index].to(dtype))[ids[b]]
+        assert torch.equal(out[b], expected), b
+    before = out.clone()
+    bad = ids.clone()
+    bad[0, 0] = vocab  # row 0 is served by slot 2
+    with pytest.raises(RuntimeError, match="out of range for a vocabulary of 20"):
+        kernel.embedding_side_(out, bad, slots.table, ptr, rows)
+    assert torch.equal(out, before)  # a rejected call writes nothing
+
+
 class _RMSNorm(nn.Module):
     def __init__(self, width: int) -> None:
         super().__init__()
@@ -307,13 +366,15 @@ def test_modules_are_classified_by_a_probe_and_unsupported_params_make_a_delta_u
     assert build_mixed(dense_linear, uses, weights) is None
 
 
+@pytest.mark.parametrize("relay", ["end+begin", "relay"])
 @pytest.mark.parametrize("kernel", ["native", "torch"])
 def test_a_relaid_mixed_batch_gives_each_row_its_own_delta(
-    kernel: str, monkeypatch: pytest.MonkeyPatch
+    kernel: str, relay: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Rows join and leave between re-lays, so slot numbers change while the same deltas stay: what the
     batch keeps across re-lays must follow the deltas, not the slot numbers (it once followed the numbers
-    and raised KeyError when a finished row's slot 0 left the batch)."""
+    and raised KeyError when a finished row's slot 0 left the batch). `relay` keeps the hooks installed;
+    after `end` the model is as it was either way."""
     if kernel == "native":
         native_or_skip()
     else:
@@ -346,17 +407,28 @@ def test_a_relaid_mixed_batch_gives_each_row_its_own_delta(
         out: torch.Tensor = torch.func.functional_call(model, merged, (row,))
         return out
 
-    batch = MixedBatch(model, uses, layouts)
+    norm_weight = model[1].weight
+    batch = MixedBatch(model, uses, {**layouts, "base": None})
+    cpu = torch.device("cpu")
     with torch.inference_mode():
-        batch.begin([request("a"), request("b")], torch.device("cpu"))
+        batch.begin([request("a"), request("b")], cpu)
         model(x[:2])
-        batch.end()
-        batch.begin([request("c"), request("a"), request("b")], torch.device("cpu"))
+        if relay == "relay":
+            batch.relay([request("base")], cpu)  # the base alone: every hook does nothing
+            base_out = model(x[:1])
+            batch.relay([request("c"), request("a"), request("b")], cpu)
+        else:
+            batch.end()
+            batch.begin([request("c"), request("a"), request("b")], cpu)
         batch.select(torch.tensor([1, 2]))  # c's row finished: a and b keep their slots 1 and 2
         out = model(x[1:])
         batch.end()
+        if relay == "relay":
+            assert torch.equal(base_out, model(x[:1]))
     for row, name in enumerate(("a", "b")):
         torch.testing.assert_close(out[row], expected(name, x[1 + row]), rtol=1e-5, atol=1e-5)
+    assert model[1].weight is norm_weight and isinstance(norm_weight, nn.Parameter)
+    assert not any(m._forward_hooks for m in model)
 
 
 def test_policy_merges_a_dominant_or_lonely_model_and_mixes_a_spread_queue() -> None:

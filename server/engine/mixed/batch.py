@@ -24,15 +24,23 @@ from server.engine.request import GenerationRequest
 
 _Hook = Callable[[nn.Module, tuple[Any, ...], torch.Tensor], None]
 _TORCH = object()  # a Linear whose side term the torch-ops path computes
-# A Linear's slots packed for the native kernel (those whose delta changes it), and their positions in group order.
-_SlotCsrs = tuple[native.SlotTable, list[int]]
 _NO_ROWS = torch.empty(0, dtype=torch.int16)  # a layout without row indices: the native kernel's CSR path
+_NOTHING = torch.empty(0, dtype=torch.int16)  # a Linear the delta leaves alone: a slot with no kept values
+
+
+class KernelTable(NamedTuple):
+    """One delta's slots for the native kernels, one per Linear and embedding weight of the model (nnz 0
+    where the delta leaves one alone), and the weights whose values the kernels do not take."""
+
+    slots: native.SlotTable
+    torch_only: frozenset[str]
 
 
 class NativeArgs(NamedTuple):
-    """One native side-kernel call's arguments after (out, x): the packed slots with rows; their row groups."""
+    """One native side-kernel call's arguments after (out, x or ids): the batch's slots for one weight, in
+    group order (a row of every delta's KernelTable, stacked); their row groups."""
 
-    slots: native.SlotTable
+    table: torch.Tensor  # (S, fields) int64, a view into the batch's stacked tables
     slot_ptr: torch.Tensor  # (S + 1,) int64 offsets into slot_rows
     slot_rows: torch.Tensor  # (A,) int64 batch rows, grouped by slot
 
@@ -56,6 +64,7 @@ class MixedBatch:
         self.uses = uses
         self.deltas = deltas  # request.model -> its layout (None: the base model)
         self._handles: list[RemovableHandle] = []
+        self._hooked: set[str] = set()  # the weights whose modules carry a hook now
         self._slots: list[MixedDelta] = []  # the distinct served deltas of this batch
         self._width = 1
         self._chunks: tuple[int, ...] = ()
@@ -70,25 +79,47 @@ class MixedBatch:
         self._column = torch.empty(0, dtype=torch.long)  # (A,) their column inside it
         self._device = torch.device("cpu")
         self._native: native.NativeKernels | None = None  # the C++ kernels, on CPU where they are built
-        self._native_args: dict[str, NativeArgs | object | None] = {}  # Linear weight -> its call's arguments
         self._groups: dict[int, list[int]] = {}  # slot -> its rows in the batch
-        # Kept across begin/end (rows joining re-lay the batch twice per join): what depends only on which
-        # deltas are in it. A norm's patched weight per (name, delta); a Linear's per-slot CSR lists per
-        # (name, the deltas with rows, in group order).
+        # The weights the native kernels serve: every Linear's and embedding's (a tied one once).
+        self._kernel_index = {n: i for i, n in enumerate(dict.fromkeys([*uses.linears, *uses.embeddings]))}
+        # Per refresh: every weight's kernel slots (L, S, fields) in group order, and their row groups;
+        # each weight's call arguments, built on its first call after the refresh.
+        self._stacked: list[torch.Tensor] = []  # (L,) views (S, fields)
+        self._changes: list[bool] = []  # (L,) whether any slot has kept values in weight l
+        self._native_args: dict[str, NativeArgs | object | None] = {}
+        self._torch_only: set[str] = set()
+        self._slot_ptr = torch.empty(0, dtype=torch.long)
+        self._slot_rows = torch.empty(0, dtype=torch.long)
+        # Kept across begin/end (rows joining re-lay the batch twice per join), keyed by the delta's id (the
+        # deltas are pinned, so no id is reused meanwhile): a norm's patched weight per (name, delta); a
+        # delta's kernel slots over every Linear.
         self._norm_rows: dict[tuple[str, int], torch.Tensor] = {}
-        self._csr_lists: dict[tuple[str, tuple[int, ...]], _SlotCsrs | None] = {}
-        self._group_key: tuple[int, ...] = ()
-        self._pinned: dict[
-            int, MixedDelta
-        ] = {}  # every delta keyed by id above, so no id is reused meanwhile
-        # Per refresh: the (slot_ptr, slot_rows) of each set of present slots (one set for nearly every Linear).
-        self._row_groups: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._tables: dict[int, KernelTable] = {}
+        self._pinned: dict[int, MixedDelta] = {}
 
     # --- the engine's row hooks ---
 
     def begin(self, requests: Sequence[GenerationRequest], device: torch.device) -> None:
         """Lay out the rows (in batch order), install the hooks and the stacked norm weights. After `end`,
-        `begin` may run again with other rows (rows joining a running batch re-lay it)."""
+        `begin` may run again with other rows."""
+        self._lay_out(requests, device)
+        self._install()
+        self._refresh()
+
+    def relay(self, requests: Sequence[GenerationRequest], device: torch.device) -> None:
+        """`end` then `begin(requests)`, keeping the installed hooks (rows joining a running batch re-lay it
+        twice: registering a hook per Linear each time cost more than the rest of the re-lay)."""
+        if not self._handles:
+            self.end()
+            self.begin(requests, device)
+            return
+        self._lay_out(requests, device)
+        self._matrices.clear()  # the torch-ops path's per-layout matrices
+        self._stacks.clear()
+        self._install()
+        self._refresh()
+
+    def _lay_out(self, requests: Sequence[GenerationRequest], device: torch.device) -> None:
         self._slots = []
         slot_of: dict[str, int] = {}  # one slot per served model (two names may share one file)
         row_delta: list[int] = []
@@ -107,8 +138,6 @@ class MixedBatch:
         self._device = device
         self._native = native.module() if device.type == "cpu" else None
         self._row_delta = torch.tensor(row_delta, dtype=torch.long, device=device)
-        self._install()
-        self._refresh()
 
     def select(self, keep: torch.Tensor) -> None:
         """Rows `keep` (K,) stay in the batch; finished rows leave their column slots as padding."""
@@ -120,13 +149,13 @@ class MixedBatch:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._hooked.clear()
         for _, modules, parameter in self._norms.values():
             for module in modules:
                 module._parameters["weight"] = parameter
         self._norms.clear()
         self._matrices.clear()
         self._stacks.clear()
-        self._native_args.clear()
 
     # --- per-row state ---
 
@@ -144,28 +173,36 @@ class MixedBatch:
         where = [self._row_slot[row] for row in active]
         self._chunk = torch.tensor([s // self._width for s in where], dtype=torch.long, device=device)
         self._column = torch.tensor([s % self._width for s in where], dtype=torch.long, device=device)
-        self._native_args.clear()  # their row groups changed
         self._groups = {}
         for row, slot in enumerate(self._row_delta.tolist()):
             if slot >= 0:
                 self._groups.setdefault(slot, []).append(row)
-        self._group_key = tuple(id(self._slots[slot]) for slot in self._groups)
-        self._row_groups.clear()
+        self._native_args.clear()
+        if self._native is not None:
+            self._stack_tables()
         for table, modules, _ in self._norms.values():
             rows = table.index_select(0, self._row_delta + 1).unsqueeze(1)  # (B, 1, H) per-row weights
             for module in modules:
                 module._parameters["weight"] = rows  # type: ignore[assignment]
 
     def _install(self) -> None:
+        """Hooks on the weights the batch's deltas change (those not hooked yet: a hook whose weight no
+        delta of the current lay-out changes does nothing), and the norms' tables for the current slots."""
         touched = {name for delta in self._slots for name in (*delta.matrices, *delta.norms)}
-        for name in touched:
+        for name in touched - self._hooked:
             for linear in self.uses.linears.get(name, ()):
                 self._handles.append(linear.register_forward_hook(self._linear_hook(name)))
             for embedding in self.uses.embeddings.get(name, ()):
                 self._handles.append(embedding.register_forward_hook(self._embedding_hook(name)))
+            self._hooked.add(name)
+        for name in [n for n in self._norms if n not in touched]:  # left alone by every delta now
+            _, modules, parameter = self._norms.pop(name)
+            for module in modules:
+                module._parameters["weight"] = parameter
+        for name in touched:
             norms = list(self.uses.norms.get(name, ()))
             if norms:
-                parameter = norms[0].get_parameter("weight")
+                parameter = self._norms[name][2] if name in self._norms else norms[0].get_parameter("weight")
                 self._norms[name] = (self._norm_table(name, parameter.detach()), norms, parameter)
 
     def _norm_table(self, name: str, base: torch.Tensor) -> torch.Tensor:
@@ -191,59 +228,66 @@ class MixedBatch:
 
     # --- hooks ---
 
+    def _stack_tables(self) -> None:
+        """Every Linear's native slots for this refresh: row l of each present delta's KernelTable, in group
+        order (one stack, no per-Linear work), and the row groups they serve."""
+        tables = [self._kernel_table(self._slots[slot]) for slot in self._groups]
+        self._torch_only = set().union(*(t.torch_only for t in tables))
+        ptr, rows = [0], []
+        for group in self._groups.values():
+            rows.extend(group)
+            ptr.append(len(rows))
+        self._slot_ptr = torch.tensor(ptr, dtype=torch.long)
+        self._slot_rows = torch.tensor(rows, dtype=torch.long)
+        if tables:
+            stacked = torch.stack([t.slots.table for t in tables], dim=1)  # (L, S, fields)
+            self._stacked = list(stacked.unbind(0))
+            self._changes = stacked[:, :, 4].gt(0).any(1).tolist()
+        else:
+            self._stacked, self._changes = [], [False] * len(self._kernel_index)
+
+    def _kernel_table(self, delta: MixedDelta) -> KernelTable:
+        """`delta`'s slots over every Linear and embedding, validated and packed once per batch and delta."""
+        assert self._native is not None
+        cached = self._tables.get(id(delta))
+        if cached is not None:
+            return cached
+        crows, cols, vals, kept_rows, outs, torch_only = [], [], [], [], [], set()
+        for name in self._kernel_index:
+            matrix = delta.matrices.get(name)
+            if matrix is not None and matrix.nnz and matrix.values.dtype == torch.float32:
+                crows.append(matrix.crow)
+                cols.append(matrix.col)
+                vals.append(matrix.values)
+                kept_rows.append(_NO_ROWS if matrix.row is None else matrix.row)
+            else:
+                if matrix is not None and matrix.nnz:
+                    torch_only.add(name)  # values the kernels do not take (a float64 model): torch ops
+                crows.append(_NOTHING)
+                cols.append(_NOTHING)
+                vals.append(_NOTHING)
+                kept_rows.append(_NOTHING)
+            outs.append(int(self.uses.shapes[name][0]))
+        slots = native.SlotTable(self._native, crows, cols, vals, kept_rows, outs)
+        table = KernelTable(slots, frozenset(torch_only))
+        self._tables[id(delta)] = table
+        return table
+
     def _native_call(self, name: str) -> NativeArgs | object | None:
-        """The native kernel's arguments for Linear `name` (the slots with rows that change it, their CSRs,
-        their row groups); None when no row's delta changes it; `_TORCH` when a layout is not the kernel's
-        (float32 values), so the torch-ops path runs instead."""
+        """The native kernels' arguments for weight `name`; None when no row's delta changes it; `_TORCH`
+        when a delta's values there are not the kernels' (float32), so the torch-ops path runs instead."""
         if name in self._native_args:
             return self._native_args[name]
-        key = (name, self._group_key)
-        if key not in self._csr_lists:
-            self._csr_lists[key] = self._slot_csrs(name)
-        lists = self._csr_lists[key]
-        args: NativeArgs | object | None
-        if lists is None:
-            args = _TORCH
-        else:
-            slots, present = lists
-            args = NativeArgs(slots, *self._rows_of(present)) if present else None
+        args: NativeArgs | object | None = _TORCH
+        if name not in self._torch_only:
+            index = self._kernel_index[name]
+            args = (
+                NativeArgs(self._stacked[index], self._slot_ptr, self._slot_rows)
+                if self._changes[index]
+                else None
+            )
         self._native_args[name] = args
         return args
-
-    def _rows_of(self, present: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(slot_ptr, slot_rows) of the slots at `present` positions in group order, built once per refresh."""
-        key = tuple(present)
-        if key not in self._row_groups:
-            groups = list(self._groups.values())
-            ptr, rows = [0], []
-            for position in present:
-                rows.extend(groups[position])
-                ptr.append(len(rows))
-            self._row_groups[key] = (
-                torch.tensor(ptr, dtype=torch.long),
-                torch.tensor(rows, dtype=torch.long),
-            )
-        return self._row_groups[key]
-
-    def _slot_csrs(self, name: str) -> _SlotCsrs | None:
-        """Per slot with rows whose delta changes Linear `name`: its CSR arrays, and the slots' positions in
-        group order (slot numbers change between re-lays; the cache key, the deltas in group order, does
-        not); None when a layout is not the kernel's (values not float32)."""
-        crows, cols, vals, kept_rows, present = [], [], [], [], []
-        for position, slot in enumerate(self._groups):
-            matrix = self._slots[slot].matrices.get(name)
-            if matrix is None or matrix.nnz == 0:
-                continue
-            if matrix.values.dtype != torch.float32:
-                return None
-            crows.append(matrix.crow)
-            cols.append(matrix.col)
-            vals.append(matrix.values)
-            kept_rows.append(_NO_ROWS if matrix.row is None else matrix.row)
-            present.append(position)
-        assert self._native is not None
-        table = native.SlotTable(self._native, crows, cols, vals, kept_rows, self.uses.shapes[name][0])
-        return table, present
 
     def _linear_hook(self, name: str) -> _Hook:
         def hook(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
@@ -255,7 +299,7 @@ class MixedBatch:
                 x = args[0]
                 x3 = x.reshape(x.shape[0], -1, x.shape[-1]).contiguous()
                 out3 = out.view(out.shape[0], -1, out.shape[-1])
-                self._native.side_linear_(out3, x3, call.slots.table, call.slot_ptr, call.slot_rows)
+                self._native.side_linear_(out3, x3, call.table, call.slot_ptr, call.slot_rows)
                 return
             if name not in self._matrices:
                 blocks = [self._slots[s].matrices.get(name) for s in self._chunks]
@@ -273,6 +317,15 @@ class MixedBatch:
 
     def _embedding_hook(self, name: str) -> _Hook:
         def hook(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
+            call = self._native_call(name) if self._native is not None else _TORCH
+            if call is None:
+                return  # no row's delta changes this embedding
+            if call is not _TORCH:
+                assert self._native is not None and isinstance(call, NativeArgs)
+                ids = args[0].reshape(args[0].shape[0], -1).contiguous()
+                out3 = out.view(ids.shape[0], ids.shape[1], out.shape[-1])
+                self._native.embedding_side_(out3, ids, call.table, call.slot_ptr, call.slot_rows)
+                return
             if name not in self._stacks:
                 blocks = [delta.matrices.get(name) for delta in self._slots]
                 shape = self.uses.shapes[name]
