@@ -20,8 +20,7 @@
 //     (O, tile) accumulator that stays in L1. There is no loop per output row, whose trip count (~7 kept
 //     values at p = 0.99, < 1 at 0.999) would mispredict a branch per row, and consecutive updates land on
 //     different rows (no store→load chain). Tiles run in parallel, split by cost: each writes only its own
-//     columns of out. The kept values stream from DRAM (the base GEMMs between Linears evict them), so their
-//     bytes are the cost: 2 + 2 + 4 per value with 16-bit indices.
+//     columns of out. With 16-bit indices a kept value is 2 + 2 + 4 bytes.
 //   * CSR (layouts without row indices: more than 65536 output rows): rows accumulated in registers over W
 //     columns; output rows split across torch's intra-op threads.
 #include <torch/extension.h>
@@ -128,15 +127,6 @@ void scatter_slot(const uint16_t* row, const col_t* col, const float* val, int64
     const uint16_t* r = row + k0;
     const col_t* c = col + k0;
     const float* v = val + k0;
-    // Two blocks ahead: a slot's arrays are a few KB each in small Linears, too short for the hardware
-    // prefetcher to ramp up on, and they come from DRAM (the base GEMMs in between evict them).
-    if (k0 + 3 * kBlock <= n) {
-      for (int64_t e = 0; e < kBlock; e += 32) __builtin_prefetch(r + 2 * kBlock + e);
-      for (int64_t e = 0; e < kBlock; e += 16) {
-        __builtin_prefetch(c + 2 * kBlock + e);
-        __builtin_prefetch(v + 2 * kBlock + e);
-      }
-    }
     for (int64_t k = 0; k < kLane; ++k) {
       axpy<W>(loc + int64_t(r[k]) * W, panel + int64_t(c[k]) * stride, v[k]);
       axpy<W>(loc + int64_t(r[k + kLane]) * W, panel + int64_t(c[k + kLane]) * stride, v[k + kLane]);
