@@ -379,6 +379,31 @@ torch::Tensor pack_slots(std::vector<torch::Tensor> crows, std::vector<torch::Te
   return table;
 }
 
+namespace {
+
+// The checks side_linear_ and embedding_side_ share: `slots` is a pack_slots table and slot_ptr / slot_rows
+// split batch rows [0, B) among its S slots.
+void check_slot_groups(const torch::Tensor& slots, const torch::Tensor& slot_ptr, const torch::Tensor& slot_rows,
+                       int64_t B) {
+  TORCH_CHECK(slots.scalar_type() == torch::kInt64 && slots.dim() == 2 && slots.size(1) == kSlotFields &&
+                  slots.is_contiguous() && slots.device().is_cpu(),
+              "slots must be a table from pack_slots");
+  const int64_t S = slots.size(0);
+  TORCH_CHECK(slot_ptr.scalar_type() == torch::kInt64 && slot_rows.scalar_type() == torch::kInt64,
+              "slot_ptr and slot_rows must be int64");
+  TORCH_CHECK(slot_ptr.is_contiguous() && slot_rows.is_contiguous() && slot_ptr.device().is_cpu() &&
+                  slot_rows.device().is_cpu(),
+              "slot_ptr and slot_rows must be contiguous CPU tensors");
+  TORCH_CHECK(slot_ptr.numel() == S + 1, "slot_ptr must have one entry per slot plus one");
+  const int64_t* ptr = slot_ptr.data_ptr<int64_t>();
+  const int64_t* rows = slot_rows.data_ptr<int64_t>();
+  TORCH_CHECK(ptr[0] == 0 && ptr[S] == slot_rows.numel(), "slot_ptr must span slot_rows");
+  for (int64_t s = 0; s < S; ++s) TORCH_CHECK(ptr[s] <= ptr[s + 1], "slot_ptr must not decrease");
+  for (int64_t a = 0; a < slot_rows.numel(); ++a) TORCH_CHECK(rows[a] >= 0 && rows[a] < B, "row out of range");
+}
+
+}  // namespace
+
 // out[r] += x[r] · ΔW_{slot(r)}ᵀ in place: slot s (a row of `slots`, from pack_slots) serves batch rows
 // slot_rows[slot_ptr[s] : slot_ptr[s + 1]].
 void side_linear_(torch::Tensor out, torch::Tensor x, torch::Tensor slots, torch::Tensor slot_ptr,
@@ -388,20 +413,10 @@ void side_linear_(torch::Tensor out, torch::Tensor x, torch::Tensor slots, torch
   TORCH_CHECK(out.device().is_cpu() && x.device().is_cpu(), "the native side kernel runs on CPU");
   TORCH_CHECK(out.scalar_type() == x.scalar_type(), "out and x must share a dtype");
   TORCH_CHECK(out.size(0) == x.size(0) && out.size(1) == x.size(1), "out and x must share (B, T)");
-  TORCH_CHECK(slots.scalar_type() == torch::kInt64 && slots.dim() == 2 && slots.size(1) == kSlotFields &&
-                  slots.is_contiguous() && slots.device().is_cpu(),
-              "slots must be a table from pack_slots");
-  const int64_t S = slots.size(0);
-  TORCH_CHECK(slot_ptr.scalar_type() == torch::kInt64 && slot_rows.scalar_type() == torch::kInt64,
-              "slot_ptr and slot_rows must be int64");
-  TORCH_CHECK(slot_ptr.is_contiguous() && slot_rows.is_contiguous(), "slot_ptr and slot_rows must be contiguous");
-  TORCH_CHECK(slot_ptr.numel() == S + 1, "slot_ptr must have one entry per slot plus one");
-  const int64_t B = x.size(0), O = out.size(2);
+  check_slot_groups(slots, slot_ptr, slot_rows, x.size(0));
+  const int64_t S = slots.size(0), O = out.size(2);
   const int64_t* ptr = slot_ptr.data_ptr<int64_t>();
   const int64_t* rows = slot_rows.data_ptr<int64_t>();
-  TORCH_CHECK(ptr[0] == 0 && ptr[S] == slot_rows.numel(), "slot_ptr must span slot_rows");
-  for (int64_t s = 0; s < S; ++s) TORCH_CHECK(ptr[s] <= ptr[s + 1], "slot_ptr must not decrease");
-  for (int64_t a = 0; a < slot_rows.numel(); ++a) TORCH_CHECK(rows[a] >= 0 && rows[a] < B, "row out of range");
   const int64_t* t = slots.data_ptr<int64_t>();
   std::vector<Slot> unpacked(S);
   for (int64_t s = 0; s < S; ++s) {
@@ -439,18 +454,10 @@ void embedding_side_(torch::Tensor out, torch::Tensor ids, torch::Tensor slots, 
   TORCH_CHECK(ids.dim() == 2 && ids.is_contiguous() && ids.scalar_type() == torch::kInt64 && ids.device().is_cpu(),
               "ids must be contiguous int64 (B, T)");
   TORCH_CHECK(out.size(0) == ids.size(0) && out.size(1) == ids.size(1), "out and ids must share (B, T)");
-  TORCH_CHECK(slots.scalar_type() == torch::kInt64 && slots.dim() == 2 && slots.size(1) == kSlotFields &&
-                  slots.is_contiguous() && slots.device().is_cpu(),
-              "slots must be a table from pack_slots");
-  const int64_t S = slots.size(0), B = ids.size(0), T = ids.size(1), H = out.size(2);
-  TORCH_CHECK(slot_ptr.scalar_type() == torch::kInt64 && slot_rows.scalar_type() == torch::kInt64 &&
-                  slot_ptr.is_contiguous() && slot_rows.is_contiguous() && slot_ptr.numel() == S + 1,
-              "slot_ptr (S + 1,) and slot_rows must be contiguous int64");
+  check_slot_groups(slots, slot_ptr, slot_rows, ids.size(0));
+  const int64_t S = slots.size(0), T = ids.size(1), H = out.size(2);
   const int64_t* ptr = slot_ptr.data_ptr<int64_t>();
   const int64_t* rows = slot_rows.data_ptr<int64_t>();
-  TORCH_CHECK(ptr[0] == 0 && ptr[S] == slot_rows.numel(), "slot_ptr must span slot_rows");
-  for (int64_t s = 0; s < S; ++s) TORCH_CHECK(ptr[s] <= ptr[s + 1], "slot_ptr must not decrease");
-  for (int64_t a = 0; a < slot_rows.numel(); ++a) TORCH_CHECK(rows[a] >= 0 && rows[a] < B, "row out of range");
   const int64_t* t = slots.data_ptr<int64_t>();
   const int64_t* id = ids.data_ptr<int64_t>();
   for (int64_t s = 0; s < S; ++s) {
