@@ -146,7 +146,10 @@ def test_delete_lets_in_flight_requests_finish_then_404s(
     deleted: list[httpx.Response] = []
     deleter = threading.Thread(target=lambda: deleted.append(server.admin().delete("/v1/deltas/gone")))
     deleter.start()
-    time.sleep(0.2)
+    deadline = time.monotonic() + 30
+    while "gone" in server.runtime.registry.names():  # until the delete has started (it waits for the queue)
+        assert time.monotonic() < deadline, "the delete never started"
+        time.sleep(0.01)
     assert_error(greedy(server, "gone"), 404)  # refused while the delete waits for the queued one
     gate.set()
     blocked.result(10)
