@@ -429,6 +429,15 @@ def test_a_relaid_mixed_batch_gives_each_row_its_own_delta(
         torch.testing.assert_close(out[row], expected(name, x[1 + row]), rtol=1e-5, atol=1e-5)
     assert model[1].weight is norm_weight and isinstance(norm_weight, nn.Parameter)
     assert not any(m._forward_hooks for m in model)
+    # A batch runs as long as requests keep joining: it keeps state for two lay-outs' deltas, not all ever seen.
+    with torch.inference_mode():
+        for name in ("a", "b", "c"):
+            batch.relay([request(name)], cpu)
+            model(x[:1])
+        batch.end()
+    kept = {id(layouts["b"]), id(layouts["c"])}
+    assert set(batch._pinned) == kept and {key[1] for key in batch._norm_rows} <= kept
+    assert set(batch._tables) <= kept
 
 
 def test_policy_merges_a_dominant_or_lonely_model_and_mixes_a_spread_queue() -> None:

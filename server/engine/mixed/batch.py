@@ -90,9 +90,9 @@ class MixedBatch:
         self._torch_only: set[str] = set()
         self._slot_ptr = torch.empty(0, dtype=torch.long)
         self._slot_rows = torch.empty(0, dtype=torch.long)
-        # Kept across begin/end (rows joining re-lay the batch twice per join), keyed by the delta's id (the
-        # deltas are pinned, so no id is reused meanwhile): a norm's patched weight per (name, delta); a
-        # delta's kernel slots over every Linear.
+        # Kept across re-lays (rows joining re-lay the batch twice per join) for the deltas of the current
+        # and the previous lay-out, keyed by the delta's id (those deltas are pinned, so no id is reused
+        # meanwhile): a norm's patched weight per (name, delta); a delta's kernel slots.
         self._norm_rows: dict[tuple[str, int], torch.Tensor] = {}
         self._tables: dict[int, KernelTable] = {}
         self._pinned: dict[int, MixedDelta] = {}
@@ -120,6 +120,7 @@ class MixedBatch:
         self._refresh()
 
     def _lay_out(self, requests: Sequence[GenerationRequest], device: torch.device) -> None:
+        previous = {id(delta) for delta in self._slots}
         self._slots = []
         slot_of: dict[str, int] = {}  # one slot per served model (two names may share one file)
         row_delta: list[int] = []
@@ -133,6 +134,11 @@ class MixedBatch:
                 self._slots.append(delta)
                 self._pinned[id(delta)] = delta
             row_delta.append(slot_of[request.model])
+        # A batch may run for as long as requests keep joining: forget the deltas of older lay-outs.
+        keep = previous | {id(delta) for delta in self._slots}
+        self._pinned = {k: d for k, d in self._pinned.items() if k in keep}
+        self._tables = {k: t for k, t in self._tables.items() if k in keep}
+        self._norm_rows = {k: r for k, r in self._norm_rows.items() if k[1] in keep}
         chunking = plan_chunks(row_delta, [d.linear_nnz for d in self._slots])
         self._width, self._chunks, self._row_slot = chunking.width, chunking.chunks, list(chunking.row_slot)
         self._device = device
@@ -229,8 +235,8 @@ class MixedBatch:
     # --- hooks ---
 
     def _stack_tables(self) -> None:
-        """Every Linear's native slots for this refresh: row l of each present delta's KernelTable, in group
-        order (one stack, no per-Linear work), and the row groups they serve."""
+        """Every weight's native slots for this refresh: row l of each present delta's KernelTable, in group
+        order (one stack, no per-weight work), and the row groups they serve."""
         tables = [self._kernel_table(self._slots[slot]) for slot in self._groups]
         self._torch_only = set().union(*(t.torch_only for t in tables))
         ptr, rows = [0], []
