@@ -115,9 +115,6 @@ class SlotTable:
         self.tensors = (tuple(crows), tuple(cols), tuple(vals), tuple(kept_rows))
         self.table = kernels.pack_slots(crows, cols, vals, kept_rows, out_features)
 
-    def __len__(self) -> int:
-        return int(self.table.shape[0])
-
 
 def enabled() -> bool:
     return os.environ.get("DELTASERVE_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")

@@ -6,8 +6,9 @@
 // assign_ / assign_runs_ — the hot-swap write: kept values (or the originals) into the flat weights, bit for
 // bit, element by element or, for masks whose kept entries come in runs (block masks), one memcpy per run.
 //
-// side_linear_ / embedding_side_ — mixed-batch side products: out[r, t, :] += x[r, t, :] · ΔW_{slot(r)}ᵀ for every row r with a
+// side_linear_ — mixed-batch side products: out[r, t, :] += x[r, t, :] · ΔW_{slot(r)}ᵀ for every row r with a
 // delta, in one call per Linear for the whole batch (no loop over deltas in Python, no weight written).
+// embedding_side_ — the same for an embedding: each token's ΔE row added to its output, exactly.
 //
 // Each slot's ΔW is CSR (crow (O+1,) int32, col (nnz,) int32 or int16 read as uint16, val (nnz,) float32),
 // plus optionally each kept value's output row (nnz,) int16 read as uint16. pack_slots checks these arrays once

@@ -24,8 +24,8 @@ from server.engine.request import GenerationRequest
 
 _Hook = Callable[[nn.Module, tuple[Any, ...], torch.Tensor], None]
 _TORCH = object()  # a Linear whose side term the torch-ops path computes
-_NO_ROWS = torch.empty(0, dtype=torch.int16)  # a layout without row indices: the native kernel's CSR path
-_NOTHING = torch.empty(0, dtype=torch.int16)  # a Linear the delta leaves alone: a slot with no kept values
+# An absent array: no row indices (the native kernel's CSR path), or no kept values (a weight the delta leaves alone).
+_EMPTY = torch.empty(0, dtype=torch.int16)
 
 
 class KernelTable(NamedTuple):
@@ -265,14 +265,14 @@ class MixedBatch:
                 crows.append(matrix.crow)
                 cols.append(matrix.col)
                 vals.append(matrix.values)
-                kept_rows.append(_NO_ROWS if matrix.row is None else matrix.row)
+                kept_rows.append(_EMPTY if matrix.row is None else matrix.row)
             else:
                 if matrix is not None and matrix.nnz:
                     torch_only.add(name)  # values the kernels do not take (a float64 model): torch ops
-                crows.append(_NOTHING)
-                cols.append(_NOTHING)
-                vals.append(_NOTHING)
-                kept_rows.append(_NOTHING)
+                crows.append(_EMPTY)
+                cols.append(_EMPTY)
+                vals.append(_EMPTY)
+                kept_rows.append(_EMPTY)
             outs.append(int(self.uses.shapes[name][0]))
         slots = native.SlotTable(self._native, crows, cols, vals, kept_rows, outs)
         table = KernelTable(slots, frozenset(torch_only))
