@@ -11,6 +11,11 @@ interleaved:
     consecutive kept positions: per value for element masks, per block for block masks) + every touched
     64-byte weight line read and written, in both apply and restore, at the bandwidth of a large tensor
     copy measured in the same run;
+  * the access floor: one value read from each touched line, from the same cold start (then warm, as a
+    restore follows an apply), which the bandwidth bound cannot see when a few scattered lines leave the
+    memory system waiting on latency (p = 0.999);
+  * the same swap path over the weights on ordinary 4 KiB pages (the server's host buffers use transparent
+    huge pages, `server.engine.packing.host_zeros`);
   * the realistic alternative: copying a whole fine-tuned weight set into the resident tensors from host
     memory (on a GPU also from pinned host memory).
 
@@ -26,6 +31,7 @@ kernel of `server.routing.flat.WRITE_KERNELS` (int64 indices, the server's) and 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -45,7 +51,7 @@ from bench.results_io import write_results  # noqa: E402
 from deltas_store import PreparedDelta, apply_delta_, restore_  # noqa: E402
 from deltas_store.compression.sparsify import seeded_keep_blocks  # noqa: E402
 from deltas_store.patching import PatchOp  # noqa: E402
-from server.engine.packing import FlatWeights, flat_layout  # noqa: E402
+from server.engine.packing import FlatWeights, flat_layout, host_clone, host_zeros  # noqa: E402
 from server.metrics import ServerMetrics  # noqa: E402
 from server.routing.flat import DEFAULT_KERNEL, WRITE_KERNELS, Runs, gather_bits  # noqa: E402
 from server.routing.patching import SwapManager  # noqa: E402
@@ -92,7 +98,8 @@ def flat_weights(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, device:
     """Random weights laid out exactly as `server.engine.packing.pack_parameters_` lays out a model."""
     sizes = {n: torch.Size(s) for n, s in shapes.items()}
     offsets, total = flat_layout(sizes, dtype)
-    buffer = torch.randn(total, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    values = torch.randn(total, generator=torch.Generator().manual_seed(0)).to(dtype)
+    buffer = host_clone(values) if device.type == "cpu" else values.to(device)
     return FlatWeights(buffer, offsets, sizes)
 
 
@@ -118,14 +125,25 @@ def runs_of(prepared: PreparedDelta) -> int:
     return sum(Runs.of(op.index).count for op in prepared.ops if op.index is not None)
 
 
-def touched_lines(flat: FlatWeights, prepared: PreparedDelta) -> int:
-    """Distinct 64-byte lines of the weights holding a kept position (tensors start line-aligned)."""
+def touched_lines(flat: FlatWeights, prepared: PreparedDelta) -> torch.Tensor:
+    """The first flat position of each distinct 64-byte weight line holding a kept position (tensors start
+    line-aligned), sorted."""
     per_line = LINE // flat.buffer.element_size()
-    lines = 0
+    starts = []
     for op in prepared.ops:
         assert op.index is not None
-        lines += int(torch.unique_consecutive(op.index // per_line).numel())
-    return lines
+        lines = torch.unique_consecutive(op.index.cpu() // per_line)
+        starts.append(flat.offsets[op.target] + lines * per_line)
+    return torch.cat(starts).to(flat.buffer.device)
+
+
+def thp_mode() -> str:
+    """The OS's transparent huge page mode (`madvise`: only memory that asks, as host_zeros does)."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "unavailable"
+    return text[text.find("[") + 1 : text.find("]")] if "[" in text else text.strip()
 
 
 def sync(device: torch.device) -> None:
@@ -141,11 +159,22 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def bandwidth(device: torch.device, nbytes: int) -> float:
-    """Bytes/s of a large device tensor copy, read + write counted."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
-    dst = torch.empty_like(src)
+@functools.cache
+def _copy_pair(device: torch.device, nbytes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # allocated once: huge-page faults (and the kernel's compaction for them) stay out of every later rep
+    if device.type == "cpu":
+        src, dst = host_zeros(nbytes // 4, torch.float32)[0].normal_(), host_zeros(nbytes // 4, torch.float32)[0]
+    else:
+        src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
+        dst = torch.empty_like(src)
     dst.copy_(src)
+    return src, dst
+
+
+def bandwidth(device: torch.device, nbytes: int) -> float:
+    """Bytes/s of a large device tensor copy, read + write counted (host memory as the server allocates it).
+    Also what evicts the weights from the caches before each timed swap."""
+    src, dst = _copy_pair(device, nbytes)
     return 2 * src.nbytes / min(timed(lambda: dst.copy_(src), device) for _ in range(3))
 
 
@@ -157,23 +186,38 @@ def measure(
     swaps = SwapManager(weights, ServerMetrics(), flat)
     served = serve_delta(prepared, weights, flat, None, swaps.base_values)
     original = flat.buffer.clone()
-    finetuned_host = _canonical(original, served.flat).cpu()  # what a full-copy server holds per variant
+    finetuned_host = host_clone(_canonical(original, served.flat).cpu())  # what a full-copy server holds
     pinned = finetuned_host.pin_memory() if device.type == "cuda" else None
     host_tensors = {
         n: finetuned_host[o : o + flat.shapes[n].numel()].view(flat.shapes[n])
         for n, o in flat.offsets.items()
     }
+    # the same swap path over a copy of the weights on ordinary 4 KiB pages (torch's allocator): the same
+    # delta, so it isolates what host_zeros' huge pages change
+    small = FlatWeights(flat.buffer.clone(), flat.offsets, flat.shapes) if device.type == "cpu" else None
+    small_swaps = SwapManager(views(small), ServerMetrics(), small) if small is not None else None
     swaps.activate(("d", 1), served)
     exact_apply = torch.equal(flat.buffer, finetuned_host.to(device))
     swaps.deactivate()
     exact_restore = torch.equal(flat.buffer, original)
+    lines = touched_lines(flat, prepared)
     samples: dict[str, list[float]] = {
-        k: [] for k in ("apply", "restore", "full_copy", "full_copy_per_tensor", "pinned_h2d", "bw")
-    }
+        k: [] for k in ("apply", "restore", "full_copy", "full_copy_per_tensor", "pinned_h2d", "bw", "small",
+                        "touch_cold", "touch_warm")
+    }  # fmt: skip
     for _ in range(reps):
+        # the access floor: read one value from every touched line, from the same cold start, then again
+        bandwidth(device, bw_bytes)
+        samples["touch_cold"].append(timed(lambda: flat.buffer.index_select(0, lines), device))
+        samples["touch_warm"].append(timed(lambda: flat.buffer.index_select(0, lines), device))
         samples["bw"].append(bandwidth(device, bw_bytes))
         samples["apply"].append(timed(lambda: swaps.activate(("d", 1), served), device))
         samples["restore"].append(timed(swaps.deactivate, device))
+        if small_swaps is not None:
+            bandwidth(device, bw_bytes)  # the same cold start as the server path's
+            samples["small"].append(
+                timed(lambda: (small_swaps.activate(("d", 1), served), small_swaps.deactivate()), device)
+            )
         samples["full_copy"].append(timed(lambda: flat.buffer.copy_(finetuned_host), device))
         samples["full_copy_per_tensor"].append(
             timed(lambda: [weights[n].copy_(t) for n, t in host_tensors.items()], device)
@@ -184,20 +228,25 @@ def measure(
     med = {k: statistics.median(v) for k, v in samples.items() if v}
     nnz = served.flat.index.numel()
     size = flat.buffer.element_size()
-    lines = touched_lines(flat, prepared)
+    nlines = lines.numel()
     runs = runs_of(prepared)
-    apply_bytes = runs * 4 + nnz * size + 2 * lines * LINE  # int32 per run, kept values, touched lines r+w
-    restore_bytes = runs * 4 + nnz * size + 2 * lines * LINE  # int32 per run, originals, touched lines r+w
+    apply_bytes = runs * 4 + nnz * size + 2 * nlines * LINE  # int32 per run, kept values, touched lines r+w
+    restore_bytes = runs * 4 + nnz * size + 2 * nlines * LINE  # int32 per run, originals, touched lines r+w
     bound_s = (apply_bytes + restore_bytes) / med["bw"]
     swap_s = med["apply"] + med["restore"]
     full_s = min(med["full_copy"], med["full_copy_per_tensor"])
     out = {
         "params": flat.buffer.numel(), "nnz": nnz, "density": nnz / flat.buffer.numel(), "runs": runs,
-        "touched_line_fraction": lines * LINE / flat.buffer.nbytes, "bandwidth_gb_s": med["bw"] / 1e9,
+        "touched_line_fraction": nlines * LINE / flat.buffer.nbytes, "bandwidth_gb_s": med["bw"] / 1e9,
         "apply_s": med["apply"], "restore_s": med["restore"], "bound_s": bound_s,
         "ratio_to_limit": swap_s / bound_s, "full_copy_s": full_s, "speedup_vs_full_copy": full_s / swap_s,
         "bound_speedup_vs_full_copy": full_s / bound_s, "bit_exact": exact_apply and exact_restore,
     }  # fmt: skip
+    out["touch_floor_s"] = med["touch_cold"] + med["touch_warm"]
+    out["ratio_to_touch_floor"] = swap_s / out["touch_floor_s"]
+    if "small" in med:
+        out["small_pages_s"] = med["small"]
+        out["huge_page_gain"] = med["small"] / swap_s
     if "pinned_h2d" in med:
         out["pinned_h2d_s"] = med["pinned_h2d"]
         out["speedup_vs_pinned_h2d"] = med["pinned_h2d"] / swap_s
@@ -317,7 +366,9 @@ def main() -> int:
             rows.append(r)
             print(f"dtype={dname} p={p} block={block} apply_ms={r['apply_s'] * 1e3:.2f} restore_ms={r['restore_s'] * 1e3:.2f} "
                   f"bound_ms={r['bound_s'] * 1e3:.2f} ratio_to_limit={r['ratio_to_limit']:.2f} "
+                  f"ratio_to_touch_floor={r['ratio_to_touch_floor']:.2f} "
                   f"full_copy_ms={r['full_copy_s'] * 1e3:.2f} speedup_vs_full_copy={r['speedup_vs_full_copy']:.2f} "
+                  f"huge_page_gain={r.get('huge_page_gain', float('nan')):.2f} "
                   f"bit_exact={r['bit_exact']}", flush=True)  # fmt: skip
             if p in (0.99, 0.999):
                 k = {"dtype": dname, "drop_rate": p, "block": block,
@@ -332,7 +383,7 @@ def main() -> int:
         "device": str(device), "cuda": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
         "threads": torch.get_num_threads(), "params": rows[0]["params"], "quick": args.quick, "reps": reps,
         "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-        "server_kernel": DEFAULT_KERNEL,
+        "server_kernel": DEFAULT_KERNEL, "transparent_hugepage": thp_mode(),
     }  # fmt: skip
     out = args.out or ROOT / "bench" / "results" / ("swap-quick" if args.quick else "swap")
     write_results(out, {"meta": meta, "results": rows, "kernels": kernels}, render(meta, rows, kernels))
@@ -341,6 +392,7 @@ def main() -> int:
 
 def render(meta: dict[str, Any], rows: list[dict[str, Any]], kernels: list[dict[str, Any]]) -> str:
     gpu = "pinned H2D ms | vs pinned | " if meta["cuda"] else ""
+    small = "4 KiB pages ms | huge-page gain | " if any("small_pages_s" in r for r in rows) else ""
     lines = [
         f"# deltaserve hot-swap benchmark ({meta['cuda'] or 'cpu'}, {meta['threads']} threads)",
         "",
@@ -351,19 +403,29 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]], kernels: list[dict[
         "one int32 per run of consecutive kept positions + touched 64-byte weight lines read and written, in apply and in restore) / copy "
         "bandwidth measured in the same run. Full copy = a whole "
         "fine-tuned weight set copied from host memory into the resident tensors (best of one flat copy and "
-        "per-tensor copies). `bound speedup` = the most any swap kernel could gain over the full copy.",
+        "per-tensor copies). `bound speedup` = the most any swap kernel could gain over the full copy. "
+        "Host buffers (weights, full fine-tuned copies, the bandwidth copy) are allocated as the server "
+        f"allocates its weights: `host_zeros`, transparent huge pages where offered (THP mode here: "
+        f"`{meta.get('transparent_hugepage', '?')}`); `4 KiB pages ms` = apply + restore through the same path over a copy of the weights on torch's ordinary pages, measured interleaved from the same cold start. "
+        "`touch floor` = reading one value from each touched weight line (`index_select`) from the same cold start, "
+        "then again warm, as a restore follows an apply: what merely reaching the lines costs on this machine, which "
+        "the bandwidth bound cannot see when few scattered lines leave the memory system latency-bound.",
         "",
-        f"| dtype | p | block | density | touched lines | apply ms | restore ms | bound ms | ratio_to_limit | full copy ms | "
-        f"{gpu}speedup_vs_full_copy | bound speedup | bit-exact |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if gpu else "") + "---:|---:|---|",
+        f"| dtype | p | block | density | touched lines | apply ms | restore ms | bound ms | ratio_to_limit | "
+        "touch floor ms | ratio_to_touch_floor | full copy ms | "
+        f"{gpu}speedup_vs_full_copy | bound speedup | {small}bit-exact |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if gpu else "") + "---:|---:|"
+        + ("---:|---:|" if small else "") + "---|",
     ]  # fmt: skip
     for r in rows:
         extra = f"{r['pinned_h2d_s'] * 1e3:.1f} | {r['speedup_vs_pinned_h2d']:.1f}x | " if gpu else ""
+        pages = f"{r['small_pages_s'] * 1e3:.2f} | {r['huge_page_gain']:.2f}x | " if "small_pages_s" in r else ""
         lines.append(
             f"| {r['dtype']} | {r['drop_rate']} | {r.get('block', 1)} | {r['density']:.4f} | {r['touched_line_fraction']:.1%} | "
             f"{r['apply_s'] * 1e3:.2f} | {r['restore_s'] * 1e3:.2f} | {r['bound_s'] * 1e3:.2f} | "
-            f"{r['ratio_to_limit']:.2f} | {r['full_copy_s'] * 1e3:.1f} | {extra}{r['speedup_vs_full_copy']:.2f}x | "
-            f"{r['bound_speedup_vs_full_copy']:.2f}x | {r['bit_exact']} |"
+            f"{r['ratio_to_limit']:.2f} | {r['touch_floor_s'] * 1e3:.2f} | {r['ratio_to_touch_floor']:.2f} | "
+            f"{r['full_copy_s'] * 1e3:.1f} | {extra}{r['speedup_vs_full_copy']:.2f}x | "
+            f"{r['bound_speedup_vs_full_copy']:.2f}x | {pages}{r['bit_exact']} |"
         )
     lines += ["", "## Kernels (apply + restore ms, same delta, interleaved)", ""]
     names = list(kernels[0]["kernels"]) if kernels else []

@@ -12,6 +12,7 @@ from server.engine.generator import Engine
 from server.engine.mixed.batch import MixedBatch
 from server.engine.mixed.modules import find_param_uses
 from server.engine.model import load_model
+from server.engine.packing import host_clone
 from server.metrics import ServerMetrics
 from server.routing.admin import DeltaAdmin
 from server.routing.cache import DeltaCache
@@ -69,7 +70,7 @@ def build_runtime(settings: ServerSettings, metrics: ServerMetrics) -> Runtime:
     flat = loaded.flat
     full_base = None  # the naive baseline keeps the pristine base on the host to copy back
     if settings.swap_mode == "full" and flat is not None:
-        full_base = flat.buffer.detach().to("cpu", copy=True)
+        full_base = host_clone(flat.buffer.detach())
         full_base = full_base.pin_memory() if flat.buffer.is_cuda else full_base
     swaps = SwapManager(weights, metrics, flat, full_base=full_base)
     uses = find_param_uses(loaded.model) if settings.batch_mode != "merged" else None

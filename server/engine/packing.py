@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -9,6 +11,9 @@ import torch
 from torch import nn
 
 _ALIGN_BYTES = 64  # every parameter starts on a cache line, as a separately allocated tensor would
+_HUGE_PAGE = 2 << 20  # x86-64 / arm64 transparent huge page
+_PAGE = 4096
+_MADV_HUGEPAGE = 14  # <sys/mman.h>, Linux
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,47 @@ def flat_layout(shapes: Mapping[str, torch.Size], dtype: torch.dtype) -> tuple[d
     return offsets, total
 
 
+def _madvise_huge(address: int, length: int) -> bool:
+    """Ask Linux to back [address, address + length) with transparent huge pages; False where it cannot."""
+    if not sys.platform.startswith("linux") or length <= 0:
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        return bool(libc.madvise(address, length, _MADV_HUGEPAGE) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+def host_zeros(numel: int, dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
+    """A zeroed 1-D host tensor, backed by transparent huge pages where the OS offers them; (tensor, advised).
+
+    A swap writes a few values into each of many weight lines spread over the whole model: with 4 KiB pages
+    nearly every run of kept values also misses the TLB (bench/results/swap-2threads.md: half the time of a
+    block-mask swap). The memory is allocated untouched, aligned to a huge page, advised (Linux
+    `MADV_HUGEPAGE`, honoured in the default `madvise` THP mode), and only then zeroed, so the first touch
+    faults in huge pages. Elsewhere, or under 2 MiB, an ordinary tensor.
+    """
+    size = torch.empty(0, dtype=dtype).element_size()
+    nbytes = numel * size
+    if nbytes < _HUGE_PAGE or not sys.platform.startswith("linux"):
+        return torch.zeros(numel, dtype=dtype), False
+    raw = torch.empty(nbytes + _HUGE_PAGE, dtype=torch.uint8)  # large: mmap'd, not yet touched
+    skip = -raw.data_ptr() % _HUGE_PAGE
+    region = raw[skip : skip + nbytes]
+    advised = _madvise_huge(region.data_ptr(), nbytes // _PAGE * _PAGE)
+    tensor = region.view(dtype)
+    tensor.zero_()
+    return tensor, advised
+
+
+def host_clone(tensor: torch.Tensor) -> torch.Tensor:
+    """A flat host copy of `tensor` in memory from `host_zeros` (huge pages where offered)."""
+    copy, _ = host_zeros(tensor.numel(), tensor.dtype)
+    copy.copy_(tensor.reshape(-1))
+    return copy
+
+
 def pack_parameters_(model: nn.Module, device: torch.device) -> FlatWeights | None:
     """Move every parameter of `model` into one buffer on `device`, in place; None when they differ in dtype.
 
@@ -53,7 +99,7 @@ def pack_parameters_(model: nn.Module, device: torch.device) -> FlatWeights | No
     (dtype,) = dtypes
     shapes = {name: p.shape for name, p in params.items()}
     offsets, total = flat_layout(shapes, dtype)
-    host = torch.zeros(total, dtype=dtype)
+    host, _ = host_zeros(total, dtype) if device.type == "cpu" else (torch.zeros(total, dtype=dtype), False)
     with torch.no_grad():
         for name, param in params.items():
             n = shapes[name].numel()

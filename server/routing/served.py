@@ -10,7 +10,7 @@ import torch
 from deltas_store import PreparedDelta
 from server.engine.mixed.layout import MixedDelta, build_mixed
 from server.engine.mixed.modules import ParamUses
-from server.engine.packing import FlatWeights
+from server.engine.packing import FlatWeights, host_clone
 from server.routing.flat import BaseValues, FlatDelta, ScatterBits, flatten_delta
 
 
@@ -91,7 +91,7 @@ def _value_views(flat_delta: FlatDelta) -> dict[str, torch.Tensor]:
 
 def _materialize(base: torch.Tensor, flat: FlatWeights, delta: FlatDelta) -> torch.Tensor:
     """Base + delta as one host buffer (the delta's patched values: the canonical arithmetic)."""
-    full = base.clone()
+    full = host_clone(base)
     ScatterBits().write_(full, delta.index.cpu(), delta.patched.cpu())
     if delta.dense is not None:
         for op in delta.dense.ops:

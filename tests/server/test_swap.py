@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from deltas_store import PreparedDelta, read_delta
 from deltas_store.patching import PatchOp, patched
 from server.engine.model import load_model
-from server.engine.packing import FlatWeights, pack_parameters_
+from server.engine.packing import FlatWeights, host_clone, host_zeros, pack_parameters_
 from server.metrics import ServerMetrics
 from server.routing.flat import WRITE_KERNELS, Runs, flatten_delta, gather_bits
 from server.routing.patching import SwapManager
@@ -102,6 +102,39 @@ def test_packing_keeps_every_value_and_makes_parameters_views_of_one_buffer() ->
         assert torch.equal(param.detach(), before[name])
         assert param.untyped_storage().data_ptr() == flat.buffer.untyped_storage().data_ptr()
     assert torch.equal(model(torch.ones(1, 8)), torch.ones(1, 8) @ before["weight"].T + before["bias"])
+
+
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+HUGE = 2 << 20
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_host_buffers_are_zeroed_and_huge_page_advised_where_linux_offers_them(dtype: torch.dtype) -> None:
+    numel = 3 * HUGE // torch.empty(0, dtype=dtype).element_size() + 5  # not a whole number of pages
+    tensor, advised = host_zeros(numel, dtype)
+    assert tensor.dtype == dtype and tensor.shape == (numel,) and tensor.is_contiguous()
+    assert not tensor.any()
+    tensor[-1] = 1  # the tail past the last whole page is ours too
+    assert advised == THP.exists()
+    if advised:
+        assert tensor.data_ptr() % HUGE == 0
+    small, small_advised = host_zeros(1000, dtype)  # under one huge page: an ordinary tensor
+    assert small.shape == (1000,) and not small.any() and not small_advised
+    source = torch.randn(numel).to(dtype).view(-1, 1)
+    copy = host_clone(source)
+    assert copy.shape == (numel,) and torch.equal(copy, source.reshape(-1))
+
+
+def test_packing_a_large_model_puts_its_buffer_on_huge_page_boundaries() -> None:
+    model = torch.nn.Linear(1024, 1024)  # 4 MiB of fp32
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    flat = pack_parameters_(model, torch.device("cpu"))
+    assert flat is not None
+    if THP.exists():
+        assert flat.buffer.data_ptr() % HUGE == 0
+    for name, param in model.named_parameters():
+        assert torch.equal(param.detach(), before[name])
+        assert param.untyped_storage().data_ptr() == flat.buffer.untyped_storage().data_ptr()
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
