@@ -163,7 +163,10 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
 def _copy_pair(device: torch.device, nbytes: int) -> tuple[torch.Tensor, torch.Tensor]:
     # allocated once: huge-page faults (and the kernel's compaction for them) stay out of every later rep
     if device.type == "cpu":
-        src, dst = host_zeros(nbytes // 4, torch.float32)[0].normal_(), host_zeros(nbytes // 4, torch.float32)[0]
+        src, dst = (
+            host_zeros(nbytes // 4, torch.float32)[0].normal_(),
+            host_zeros(nbytes // 4, torch.float32)[0],
+        )
     else:
         src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
         dst = torch.empty_like(src)
@@ -419,7 +422,9 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]], kernels: list[dict[
     ]  # fmt: skip
     for r in rows:
         extra = f"{r['pinned_h2d_s'] * 1e3:.1f} | {r['speedup_vs_pinned_h2d']:.1f}x | " if gpu else ""
-        pages = f"{r['small_pages_s'] * 1e3:.2f} | {r['huge_page_gain']:.2f}x | " if "small_pages_s" in r else ""
+        pages = (
+            f"{r['small_pages_s'] * 1e3:.2f} | {r['huge_page_gain']:.2f}x | " if "small_pages_s" in r else ""
+        )
         lines.append(
             f"| {r['dtype']} | {r['drop_rate']} | {r.get('block', 1)} | {r['density']:.4f} | {r['touched_line_fraction']:.1%} | "
             f"{r['apply_s'] * 1e3:.2f} | {r['restore_s'] * 1e3:.2f} | {r['bound_s'] * 1e3:.2f} | "
