@@ -179,11 +179,31 @@ def start_process(
     raise RuntimeError(f"server did not become ready (log: {log.read_text()[-2000:]})")
 
 
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds process `pid` has used (all its threads); None where /proc cannot say."""
+    if pid is None:
+        return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state is fields[0]
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run(
-    url: str, models: list[str], concurrency: int, max_tokens: int, seed: int, varied: bool = False
+    url: str,
+    models: list[str],
+    concurrency: int,
+    max_tokens: int,
+    seed: int,
+    varied: bool = False,
+    pid: int | None = None,
 ) -> dict[str, Any]:
     """Closed loop: `concurrency` clients stream completions for `models` (one request each) until done.
-    `varied`: each request's max_tokens is drawn from [max_tokens/4, 7·max_tokens/4]."""
+    `varied`: each request's max_tokens is drawn from [max_tokens/4, 7·max_tokens/4]. `pid`: the server's
+    process, whose CPU seconds over the run are recorded (work per token, which other tenants' load on a
+    shared machine moves far less than wall time)."""
     rng = random.Random(seed)
     low, high = max(1, max_tokens // 4), max(1, 7 * max_tokens // 4)
     jobs = [(m, rng.choice(PROMPTS), rng.randint(low, high) if varied else max_tokens) for m in models]
@@ -216,6 +236,7 @@ def run(
                 results.append((ttft if ttft is not None else latency, latency, tokens))
 
     before = _metric(client, "deltaserve_swaps_total")
+    cpu_before = cpu_seconds(pid)
     t0 = time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
     for t in threads:
@@ -223,8 +244,10 @@ def run(
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    cpu_after = cpu_seconds(pid)
+    cpu = cpu_after - cpu_before if cpu_before is not None and cpu_after is not None else None
     out = {"wall_s": wall, "results": results, "swaps": _metric(client, "deltaserve_swaps_total") - before,
-           "cache_bytes": _metric(client, "deltaserve_delta_cache_bytes")}  # fmt: skip
+           "cache_bytes": _metric(client, "deltaserve_delta_cache_bytes"), "server_cpu_s": cpu}  # fmt: skip
     client.close()
     return out
 
@@ -246,6 +269,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     latency = sorted(r[1] for r in results)
     tokens = sum(r[2] for r in results)
     wall = sum(run["wall_s"] for run in runs)
+    cpus = [run.get("server_cpu_s") for run in runs]
+    cpu = sum(c for c in cpus if c is not None) if cpus and None not in cpus else None
 
     def p99(xs: list[float]) -> float:
         return xs[min(len(xs) - 1, round(0.99 * (len(xs) - 1)))]
@@ -256,6 +281,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "latency_p50_s": statistics.median(latency), "latency_p99_s": p99(latency),
         "swaps_per_request": sum(run["swaps"] for run in runs) / len(results),
         "cache_bytes": max(run["cache_bytes"] for run in runs),
+        "server_cpu_s_per_token": cpu / tokens if cpu is not None and tokens else None,
     }  # fmt: skip
 
 
@@ -342,6 +368,7 @@ def main() -> int:
         base = base_model(kind, root)
         store = build_store(base, root, n_max, args.distinct, args.drop_rate)
         servers: dict[str, str] = {}
+        pids: dict[str, int | None] = {}
         stoppers = []
         for mode in modes:
             fields: dict[str, Any] = dict(
@@ -352,9 +379,11 @@ def main() -> int:
             if args.in_process:
                 url, server, thread = start(ServerSettings(**fields))
                 stoppers.append(lambda server=server, thread=thread: _stop_thread(server, thread))
+                pids[mode] = None  # shares the clients' process: its CPU time is not the server's alone
             else:
                 url, proc = start_process(fields, args.threads, root / f"server-{mode}.log")
                 stoppers.append(lambda proc=proc: _stop_process(proc))
+                pids[mode] = proc.pid
             servers[mode] = url
         raw: dict[tuple[str, Scenario], list[dict[str, Any]]] = {(m, s): [] for m in modes for s in scenarios}
         try:
@@ -375,6 +404,7 @@ def main() -> int:
                                 max_tokens,
                                 seed=r,
                                 varied=args.lengths == "varied",
+                                pid=pids[mode],
                             )
                         )
         finally:
@@ -386,11 +416,15 @@ def main() -> int:
         # The base-only workload ignores N and the mix: pool its runs at this concurrency (less noise).
         pooled = [run for (m, sc), runs in raw.items() if m == "base" and sc.concurrency == scenario.concurrency
                   for run in runs]  # fmt: skip
-        base_tps = summarize(pooled)["tokens_per_s"] if pooled else float("nan")
+        base_summary = summarize(pooled) if pooled else {}
+        base_tps = base_summary.get("tokens_per_s", float("nan"))
+        base_cpu = base_summary.get("server_cpu_s_per_token")
         for mode in modes:
             s = {"mode": mode, "deltas": 0 if mode.startswith("base") else scenario.deltas, "mix": scenario.mix,
                  "concurrency": scenario.concurrency, **summarize(raw[(mode, scenario)])}  # fmt: skip
             s["ratio_to_base"] = s["tokens_per_s"] / base_tps
+            cpu = s["server_cpu_s_per_token"]
+            s["cpu_ratio_to_base"] = base_cpu / cpu if base_cpu is not None and cpu else None
             # Robust to this machine's load swings: per round, over the base run of the same scenario and
             # round (measured next to it in time), then the median over rounds.
             base_runs = raw.get(("base", scenario), [])
@@ -425,7 +459,9 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "scenarios: the base workload does not depend on N or the mix; `base` uses continuous batching, as every "
         "mode but the `-static` ones does). `median/round` = the median over rounds of tokens/s over the base "
         "run of the same scenario and round, measured next to it (robust to the machine's load swings); "
-        "`rounds` lists them. `swaps/req` counts a delta swap's apply "
+        "`rounds` lists them. `CPU ratio` = server CPU seconds per token of the base-only server over this "
+        "server's (pooled like `ratio`; the work a token costs, which other tenants' load moves far less than "
+        "wall time; servers in processes only). `swaps/req` counts a delta swap's apply "
         "and restore separately, the naive server's full copy once. "
         + (
             f"Peak RSS of the whole run (all servers in one process): {meta['peak_rss_bytes'] / 2**20:.0f} MiB."
@@ -434,14 +470,16 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             f"RSS of the largest server process: {meta['peak_rss_bytes'] / 2**20:.0f} MiB."
         ),
         "",
-        "| mode | deltas | mix | conc. | tokens/s | ratio | median/round | rounds | TTFT p50 / p99 (s) | latency p50 / p99 (s) | swaps/req | cache MiB |",
-        "|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+        "| mode | deltas | mix | conc. | tokens/s | ratio | median/round | rounds | CPU ratio | TTFT p50 / p99 (s) | latency p50 / p99 (s) | swaps/req | cache MiB |",
+        "|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]  # fmt: skip
     for r in rows:
         lines.append(
             f"| {r['mode']} | {r['deltas']} | {r['mix']} | {r['concurrency']} | {r['tokens_per_s']:.1f} | "
             f"{r['ratio_to_base']:.2f} | {r.get('ratio_median_rounds', float('nan')):.2f} | "
-            f"{' '.join(f'{x:.2f}' for x in r.get('ratio_rounds', []))} | {r['ttft_p50_s']:.3f} / {r['ttft_p99_s']:.3f} | "
+            f"{' '.join(f'{x:.2f}' for x in r.get('ratio_rounds', []))} | "
+            f"{'-' if r.get('cpu_ratio_to_base') is None else format(r['cpu_ratio_to_base'], '.2f')} | "
+            f"{r['ttft_p50_s']:.3f} / {r['ttft_p99_s']:.3f} | "
             f"{r['latency_p50_s']:.3f} / {r['latency_p99_s']:.3f} | {r['swaps_per_request']:.2f} | "
             f"{r['cache_bytes'] / 2**20:.1f} |"
         )
