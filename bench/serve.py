@@ -236,6 +236,7 @@ def run(
                 results.append((ttft if ttft is not None else latency, latency, tokens))
 
     before = _metric(client, "deltaserve_swaps_total")
+    steps_before = [_metric(client, n) for n in _OCCUPANCY]
     cpu_before = cpu_seconds(pid)
     t0 = time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
@@ -246,10 +247,17 @@ def run(
     wall = time.perf_counter() - t0
     cpu_after = cpu_seconds(pid)
     cpu = cpu_after - cpu_before if cpu_before is not None and cpu_after is not None else None
+    occupancy = {n: _metric(client, n) - b for n, b in zip(_OCCUPANCY, steps_before, strict=True)}
     out = {"wall_s": wall, "results": results, "swaps": _metric(client, "deltaserve_swaps_total") - before,
-           "cache_bytes": _metric(client, "deltaserve_delta_cache_bytes"), "server_cpu_s": cpu}  # fmt: skip
+           "cache_bytes": _metric(client, "deltaserve_delta_cache_bytes"), "server_cpu_s": cpu,
+           "occupancy": occupancy}  # fmt: skip
     client.close()
     return out
+
+
+# decode steps and rows summed over them, prefills and their rows (the server's counters)
+_OCCUPANCY = ("deltaserve_decode_steps_total", "deltaserve_decode_rows_total", "deltaserve_prefills_total",
+              "deltaserve_prefill_rows_total")  # fmt: skip
 
 
 def _metric(client: httpx.Client, name: str) -> float:
@@ -269,6 +277,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     latency = sorted(r[1] for r in results)
     tokens = sum(r[2] for r in results)
     wall = sum(run["wall_s"] for run in runs)
+    occupancy = {n: sum(run.get("occupancy", {}).get(n, 0.0) for run in runs) for n in _OCCUPANCY}
+    steps, step_rows, prefills, prefill_rows = (occupancy[n] for n in _OCCUPANCY)
     cpus = [run.get("server_cpu_s") for run in runs]
     cpu = sum(c for c in cpus if c is not None) if cpus and None not in cpus else None
 
@@ -282,6 +292,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "swaps_per_request": sum(run["swaps"] for run in runs) / len(results),
         "cache_bytes": max(run["cache_bytes"] for run in runs),
         "server_cpu_s_per_token": cpu / tokens if cpu is not None and tokens else None,
+        "rows_per_decode_step": step_rows / steps if steps else None,
+        "rows_per_prefill": prefill_rows / prefills if prefills else None,
     }  # fmt: skip
 
 
@@ -461,7 +473,8 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "run of the same scenario and round, measured next to it (robust to the machine's load swings); "
         "`rounds` lists them. `CPU ratio` = server CPU seconds per token of the base-only server over this "
         "server's (pooled like `ratio`; the work a token costs, which other tenants' load moves far less than "
-        "wall time; servers in processes only). `swaps/req` counts a delta swap's apply "
+        "wall time; servers in processes only). `rows/step` = the mean batch a decode step served, `rows/prefill` "
+        "the mean rows a prefill (a batch's start, or rows joining it) served. `swaps/req` counts a delta swap's apply "
         "and restore separately, the naive server's full copy once. "
         + (
             f"Peak RSS of the whole run (all servers in one process): {meta['peak_rss_bytes'] / 2**20:.0f} MiB."
@@ -470,8 +483,8 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             f"RSS of the largest server process: {meta['peak_rss_bytes'] / 2**20:.0f} MiB."
         ),
         "",
-        "| mode | deltas | mix | conc. | tokens/s | ratio | median/round | rounds | CPU ratio | TTFT p50 / p99 (s) | latency p50 / p99 (s) | swaps/req | cache MiB |",
-        "|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+        "| mode | deltas | mix | conc. | tokens/s | ratio | median/round | rounds | CPU ratio | rows/step | rows/prefill | TTFT p50 / p99 (s) | latency p50 / p99 (s) | swaps/req | cache MiB |",
+        "|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]  # fmt: skip
     for r in rows:
         lines.append(
@@ -479,6 +492,8 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             f"{r['ratio_to_base']:.2f} | {r.get('ratio_median_rounds', float('nan')):.2f} | "
             f"{' '.join(f'{x:.2f}' for x in r.get('ratio_rounds', []))} | "
             f"{'-' if r.get('cpu_ratio_to_base') is None else format(r['cpu_ratio_to_base'], '.2f')} | "
+            f"{'-' if r.get('rows_per_decode_step') is None else format(r['rows_per_decode_step'], '.1f')} | "
+            f"{'-' if r.get('rows_per_prefill') is None else format(r['rows_per_prefill'], '.1f')} | "
             f"{r['ttft_p50_s']:.3f} / {r['ttft_p99_s']:.3f} | "
             f"{r['latency_p50_s']:.3f} / {r['latency_p99_s']:.3f} | {r['swaps_per_request']:.2f} | "
             f"{r['cache_bytes'] / 2**20:.1f} |"

@@ -46,6 +46,27 @@ class ServerMetrics:
             registry=r,
         )  # fmt: skip
         self.uploads = Counter("deltaserve_uploads", "delta uploads", ["outcome"], registry=r)
+        # Batch occupancy: decode_rows / decode_steps is the mean batch a decode step served.
+        self.decode_steps = Counter(
+            "deltaserve_decode_steps",
+            "decode forward passes (one token for every row of a batch)",
+            registry=r,
+        )
+        self.decode_rows = Counter("deltaserve_decode_rows", "rows summed over decode steps", registry=r)
+        self.prefills = Counter(
+            "deltaserve_prefills", "prefill forward passes (a batch's start, or rows joining it)", registry=r
+        )
+        self.prefill_rows = Counter("deltaserve_prefill_rows", "rows summed over prefills", registry=r)
+
+    def prefilled(self, rows: int) -> None:
+        """The engine ran a prefill of `rows` rows (server.engine.generator.StepObserver)."""
+        self.prefills.inc()
+        self.prefill_rows.inc(rows)
+
+    def decoded(self, rows: int) -> None:
+        """The engine ran a decode step of `rows` rows."""
+        self.decode_steps.inc()
+        self.decode_rows.inc(rows)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

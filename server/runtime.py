@@ -62,7 +62,7 @@ def build_runtime(settings: ServerSettings, metrics: ServerMetrics) -> Runtime:
         base_id = settings.model_id or base_dir.model_id
     loaded = load_model(base_path, settings.device, settings.dtype)
     log.info("loaded base %s on %s as %s", base_id, loaded.device, loaded.dtype)
-    engine = Engine(loaded)
+    engine = Engine(loaded, observer=metrics)
     weights = dict(loaded.model.named_parameters())
     store = DeltaStore(settings.store)
     registry = Registry(base_id, store)

@@ -64,6 +64,14 @@ class _Row:
     done: bool = False
 
 
+class StepObserver(Protocol):
+    """Told about every forward pass the engine runs (the server counts them in its metrics)."""
+
+    def prefilled(self, rows: int) -> None: ...
+
+    def decoded(self, rows: int) -> None: ...
+
+
 class Engine:
     """Runs batches of requests for whatever weights are resident right now (the scheduler decides which).
 
@@ -71,8 +79,9 @@ class Engine:
     position cast to float32, argmax, stop at an EOS token.
     """
 
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, observer: StepObserver | None = None) -> None:
         self.model = loaded.model
+        self.observer = observer
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device
         # Fast tokenizers are not safe to use from two threads at once (API encodes, worker decodes).
@@ -196,7 +205,10 @@ class Engine:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # padding does not shift positions
         cache = DynamicCache(config=self.model.config)
-        return self._forward(ids, mask, positions, cache), mask, positions, cache
+        logits = self._forward(ids, mask, positions, cache)
+        if self.observer is not None:
+            self.observer.prefilled(len(rows))
+        return logits, mask, positions, cache
 
     def _step(self, rows: list[_Row], logits: torch.Tensor, first: bool) -> tuple[torch.Tensor, int]:
         """Choose and feed one token per row; returns (tokens (B,), tokens generated)."""
@@ -249,6 +261,8 @@ class Engine:
             mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)  # (B, T+1)
             positions = positions[:, -1:] + 1  # (B, 1)
             logits = self._forward(tokens[:, None], mask, positions, cache)
+            if self.observer is not None:
+                self.observer.decoded(len(rows))
             tokens, generated = self._step(rows, logits, first=False)
             total += generated
 

@@ -176,6 +176,27 @@ def test_models_health_ready_and_metrics(live: LiveServer) -> None:
         assert name in metrics, name
 
 
+def _counter(metrics: str, name: str) -> float:
+    (line,) = [x for x in metrics.splitlines() if x.startswith(name + " ")]
+    return float(line.split()[1])
+
+
+def test_metrics_count_every_prefill_and_decode_step_with_its_rows(live: LiveServer) -> None:
+    names = ("deltaserve_prefills_total", "deltaserve_prefill_rows_total", "deltaserve_decode_steps_total",
+             "deltaserve_decode_rows_total")  # fmt: skip
+    with live.client() as c:
+        before = {n: _counter(c.get("/metrics").text, n) for n in names}
+        body = complete(live, "ft-1", PROMPTS[1], max_tokens=6, ignore_eos=True)
+        after = {n: _counter(c.get("/metrics").text, n) for n in names}
+    usage = body["usage"]
+    assert isinstance(usage, dict) and usage["completion_tokens"] == 6
+    # one row: its prompt's prefill gives the first token, then one decode step per further token
+    assert after["deltaserve_prefills_total"] - before["deltaserve_prefills_total"] == 1
+    assert after["deltaserve_prefill_rows_total"] - before["deltaserve_prefill_rows_total"] == 1
+    assert after["deltaserve_decode_steps_total"] - before["deltaserve_decode_steps_total"] == 5
+    assert after["deltaserve_decode_rows_total"] - before["deltaserve_decode_rows_total"] == 5
+
+
 def test_ignore_eos_generates_exactly_max_tokens(live: LiveServer) -> None:
     body = complete(live, "ft-0", PROMPTS[0], max_tokens=20, ignore_eos=True)
     assert body["usage"]["completion_tokens"] == 20  # type: ignore[index]
