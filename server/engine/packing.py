@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import mmap
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -11,8 +12,7 @@ import torch
 from torch import nn
 
 _ALIGN_BYTES = 64  # every parameter starts on a cache line, as a separately allocated tensor would
-_HUGE_PAGE = 2 << 20  # x86-64 / arm64 transparent huge page
-_PAGE = 4096
+_HUGE_PAGE = 2 << 20  # x86-64's (and arm64's with 4 KiB pages) transparent huge page
 _MADV_HUGEPAGE = 14  # <sys/mman.h>, Linux
 
 
@@ -60,8 +60,8 @@ def host_zeros(numel: int, dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
     """A zeroed 1-D host tensor, backed by transparent huge pages where the OS offers them; (tensor, advised).
 
     A swap writes a few values into each of many weight lines spread over the whole model: with 4 KiB pages
-    nearly every run of kept values also misses the TLB (bench/results/swap-2threads.md: half the time of a
-    block-mask swap). The memory is allocated untouched, aligned to a huge page, advised (Linux
+    nearly every run of kept values also misses the TLB (bench/results/swap*.md: block-mask swaps took
+    1.3-2.3x longer on them). The memory is allocated untouched, aligned to a huge page, advised (Linux
     `MADV_HUGEPAGE`, honoured in the default `madvise` THP mode), and only then zeroed, so the first touch
     faults in huge pages. Elsewhere, or under 2 MiB, an ordinary tensor.
     """
@@ -72,7 +72,7 @@ def host_zeros(numel: int, dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
     raw = torch.empty(nbytes + _HUGE_PAGE, dtype=torch.uint8)  # large: mmap'd, not yet touched
     skip = -raw.data_ptr() % _HUGE_PAGE
     region = raw[skip : skip + nbytes]
-    advised = _madvise_huge(region.data_ptr(), nbytes // _PAGE * _PAGE)
+    advised = _madvise_huge(region.data_ptr(), nbytes // mmap.PAGESIZE * mmap.PAGESIZE)  # whole pages of ours
     tensor = region.view(dtype)
     tensor.zero_()
     return tensor, advised
