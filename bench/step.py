@@ -2,7 +2,7 @@
 
 SmolLM2-135M (the embedded model, fp32), a batch of B rows (default 32) spread over N random DARE deltas
 (p = 0.99 on every 2-D weight, random values; a uniform mix or Zipf(1.1) over 64), a 12-token prompt, then
-decode steps. Interleaved medians of: the base forward alone; the same forward as a mixed batch (each row's
+decode steps. Interleaved medians of (for the prefill and for a decode step): the base forward alone; the same forward as a mixed batch (each row's
 delta a side term); the native side kernel's share of the mixed step (timed around each call); the lm_head's
 share of that; and one `begin` + `end` of the batch (what a join pays twice).
 
@@ -40,20 +40,22 @@ class _Row:
 
 
 class _TimedKernels:
-    """The native module with side_linear_ timed (decode calls only)."""
+    """The native module with side_linear_ timed: decode calls (T = 1) and prefill calls apart."""
 
     def __init__(self, real: native.NativeKernels) -> None:
         self.real = real
-        self.total = self.lm_head = 0.0
+        self.total = self.lm_head = self.prefill = 0.0
 
     def side_linear_(self, out: torch.Tensor, x: torch.Tensor, *args: Any) -> None:
         t0 = time.perf_counter()
         self.real.side_linear_(out, x, *args)
         elapsed = time.perf_counter() - t0
-        if x.shape[1] == 1:
-            self.total += elapsed
-            if out.shape[-1] > 10_000:  # the vocabulary-sized Linear
-                self.lm_head += elapsed
+        if x.shape[1] > 1:
+            self.prefill += elapsed
+            return
+        self.total += elapsed
+        if out.shape[-1] > 10_000:  # the vocabulary-sized Linear
+            self.lm_head += elapsed
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.real, name)
@@ -81,8 +83,10 @@ def random_deltas(model: torch.nn.Module, names: set[str], drop_rate: float) -> 
     return out
 
 
-def decode_ms(model: torch.nn.Module, batch: MixedBatch | None, rows: list[_Row], steps: int) -> float:
-    """Median ms of `steps` decode forwards after a 12-token prefill."""
+def decode_ms(
+    model: torch.nn.Module, batch: MixedBatch | None, rows: list[_Row], steps: int
+) -> tuple[float, float]:
+    """(ms of the 12-token prefill, median ms of the `steps` decode forwards after it)."""
     b = len(rows)
     ids = torch.randint(0, 1000, (b, 12), generator=torch.Generator().manual_seed(1))
     mask = torch.ones(b, 12, dtype=torch.long)
@@ -94,7 +98,9 @@ def decode_ms(model: torch.nn.Module, batch: MixedBatch | None, rows: list[_Row]
         if batch is not None:
             batch.begin(rows, torch.device("cpu"))  # type: ignore[arg-type]
         try:
+            t0 = time.perf_counter()
             model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1, past_key_values=cache)
+            prefill = time.perf_counter() - t0
             token = ids[:, -1:]
             for _ in range(steps):
                 mask = torch.cat([mask, mask.new_ones(b, 1)], 1)
@@ -105,7 +111,7 @@ def decode_ms(model: torch.nn.Module, batch: MixedBatch | None, rows: list[_Row]
         finally:
             if batch is not None:
                 batch.end()
-    return statistics.median(times) * 1e3
+    return prefill * 1e3, statistics.median(times) * 1e3
 
 
 def main() -> int:
@@ -141,9 +147,14 @@ def main() -> int:
             rows = [_Row(n) for n in names]
             samples: dict[str, list[float]] = {}
             for _ in range(reps):  # interleaved
-                samples.setdefault("base_ms", []).append(decode_ms(model, None, rows, steps))
-                timed.total = timed.lm_head = 0.0
-                samples.setdefault("mixed_ms", []).append(decode_ms(model, batch, rows, steps))
+                prefill, step = decode_ms(model, None, rows, steps)
+                samples.setdefault("base_ms", []).append(step)
+                samples.setdefault("base_prefill_ms", []).append(prefill)
+                timed.total = timed.lm_head = timed.prefill = 0.0
+                prefill, step = decode_ms(model, batch, rows, steps)
+                samples.setdefault("mixed_ms", []).append(step)
+                samples.setdefault("mixed_prefill_ms", []).append(prefill)
+                samples.setdefault("prefill_kernel_ms", []).append(timed.prefill * 1e3)
                 samples.setdefault("kernel_ms", []).append(timed.total / steps * 1e3)
                 samples.setdefault("lm_head_ms", []).append(timed.lm_head / steps * 1e3)
                 t0 = time.perf_counter()
@@ -153,6 +164,7 @@ def main() -> int:
             row: dict[str, Any] = {"mix": mix, "deltas": len(set(names))}
             row |= {k: statistics.median(v) for k, v in samples.items()}
             row["ratio"] = row["base_ms"] / row["mixed_ms"]
+            row["prefill_ratio"] = row["base_prefill_ms"] / row["mixed_prefill_ms"]
             rows_out.append(row)
     finally:
         native.module = native_module  # type: ignore[method-assign]
@@ -164,15 +176,17 @@ def main() -> int:
         "",
         "Median ms per decode step (interleaved reps). `kernel` = the native side products' share of the mixed "
         "step (of which `lm_head`); `begin+end` = laying the batch out and tearing it down once (a join does "
-        "it twice); `ratio` = base / mixed step time. Random DARE deltas at p = 0.99 on every 2-D weight (norms unchanged).",
+        "it twice); `ratio` = base / mixed step time. The same for the 12-token prefill before the steps (every "
+        "row's prompt, one forward). Random DARE deltas at p = 0.99 on every 2-D weight (norms unchanged).",
         "",
-        "| mix | distinct deltas | base | mixed | kernel | lm_head | begin+end | ratio |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| mix | distinct deltas | base | mixed | kernel | lm_head | begin+end | ratio | prefill base | prefill mixed | prefill kernel | prefill ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows_out:
         lines.append(f"| {r['mix']} | {r['deltas']} | {r['base_ms']:.1f} | {r['mixed_ms']:.1f} | "
                      f"{r['kernel_ms']:.1f} | {r['lm_head_ms']:.1f} | {r['begin_end_ms']:.1f} | "
-                     f"{r['ratio']:.2f} |")  # fmt: skip
+                     f"{r['ratio']:.2f} | {r['base_prefill_ms']:.1f} | {r['mixed_prefill_ms']:.1f} | "
+                     f"{r['prefill_kernel_ms']:.1f} | {r['prefill_ratio']:.2f} |")  # fmt: skip
     out = args.out or ROOT / "bench" / "results" / ("step-quick" if args.quick else "step")
     write_results(out, {"meta": meta, "results": rows_out}, "\n".join(lines) + "\n")
     return 0
