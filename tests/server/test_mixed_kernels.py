@@ -194,6 +194,32 @@ def test_columns_past_int16_reach_their_inputs_on_both_paths() -> None:
     torch.testing.assert_close(out[:, 0], expected, rtol=1e-5, atol=1e-5)
 
 
+def test_native_side_kernel_gives_the_same_bits_on_two_threads_as_on_one() -> None:
+    """Enough work to enter the parallel region: threads take tiles from a shared queue, costliest first,
+    with slots of very different widths (a Zipf-like batch); each tile's output is its own, so the result is
+    the dense product and bit-identical to one thread's."""
+    kernel = native_or_skip()
+    shape = (300, 200)
+    deltas = [sparse_rows(shape, 0.3, seed) for seed in range(4)]
+    row_delta = [0] * 11 + [1] * 3 + [2, 3, -1]  # widths 11 (two tiles), 3, 1, 1 and a base row
+    x = torch.randn(len(row_delta), 1, shape[1], generator=torch.Generator().manual_seed(3))
+    args = native_args(kernel, deltas, row_delta)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out = torch.zeros(len(row_delta), 1, shape[0])
+            side_linear(kernel, out, x, args)
+            outs.append(out)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1])
+    for row, d in enumerate(row_delta):
+        expected = x[row] @ deltas[d][1].T if d >= 0 else torch.zeros(1, shape[0])
+        torch.testing.assert_close(outs[1][row], expected, rtol=1e-5, atol=1e-5)
+
+
 def test_native_side_kernel_skips_empty_slots_and_leaves_their_rows_alone() -> None:
     """A delta that leaves a Linear alone still has its slot in the batch's table (nnz 0, no arrays)."""
     kernel = native_or_skip()
