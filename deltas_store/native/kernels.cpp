@@ -179,9 +179,24 @@ struct Slot {
   const float* val;
   const uint16_t* row;  // nullptr: the layout has no row indices (CSR path)
   int64_t nnz;
+  int64_t out_features;
   bool col16;
 };
 constexpr int64_t kSlotFields = 7;  // crow, col, val, row (0 = none), nnz, out_features, col16
+
+// The rows of a pack_slots table (checked by check_slot_groups) as Slots.
+std::vector<Slot> unpack_slots(const torch::Tensor& slots) {
+  const int64_t S = slots.size(0);
+  const int64_t* t = slots.data_ptr<int64_t>();
+  std::vector<Slot> unpacked(S);
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t* r = t + s * kSlotFields;
+    unpacked[s] = Slot{reinterpret_cast<const int32_t*>(r[0]), reinterpret_cast<const void*>(r[1]),
+                       reinterpret_cast<const float*>(r[2]), reinterpret_cast<const uint16_t*>(r[3]), r[4], r[5],
+                       r[6] != 0};
+  }
+  return unpacked;
+}
 
 // f(col) with the slot's column indices at their stored width.
 template <typename F>
@@ -418,17 +433,12 @@ void side_linear_(torch::Tensor out, torch::Tensor x, torch::Tensor slots, torch
   TORCH_CHECK(out.scalar_type() == x.scalar_type(), "out and x must share a dtype");
   TORCH_CHECK(out.size(0) == x.size(0) && out.size(1) == x.size(1), "out and x must share (B, T)");
   check_slot_groups(slots, slot_ptr, slot_rows, x.size(0));
-  const int64_t S = slots.size(0), O = out.size(2);
+  const int64_t O = out.size(2);
   const int64_t* ptr = slot_ptr.data_ptr<int64_t>();
   const int64_t* rows = slot_rows.data_ptr<int64_t>();
-  const int64_t* t = slots.data_ptr<int64_t>();
-  std::vector<Slot> unpacked(S);
-  for (int64_t s = 0; s < S; ++s) {
-    const int64_t* r = t + s * kSlotFields;
-    TORCH_CHECK(r[5] == O, "slot table packed for ", r[5], " output features, out has ", O);
-    unpacked[s] = Slot{reinterpret_cast<const int32_t*>(r[0]), reinterpret_cast<const void*>(r[1]),
-                       reinterpret_cast<const float*>(r[2]), reinterpret_cast<const uint16_t*>(r[3]), r[4],
-                       r[6] != 0};
+  const std::vector<Slot> unpacked = unpack_slots(slots);
+  for (const Slot& slot : unpacked) {
+    TORCH_CHECK(slot.out_features == O, "slot table packed for ", slot.out_features, " output features, out has ", O);
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, x.scalar_type(),
                                   "side_linear_", [&] {
@@ -462,12 +472,11 @@ void embedding_side_(torch::Tensor out, torch::Tensor ids, torch::Tensor slots, 
   const int64_t S = slots.size(0), T = ids.size(1), H = out.size(2);
   const int64_t* ptr = slot_ptr.data_ptr<int64_t>();
   const int64_t* rows = slot_rows.data_ptr<int64_t>();
-  const int64_t* t = slots.data_ptr<int64_t>();
   const int64_t* id = ids.data_ptr<int64_t>();
+  const std::vector<Slot> unpacked = unpack_slots(slots);
   for (int64_t s = 0; s < S; ++s) {
-    const int64_t* r = t + s * kSlotFields;
-    if (r[4] == 0) continue;  // the delta leaves this embedding alone
-    const int64_t V = r[5];
+    if (unpacked[s].nnz == 0) continue;  // the delta leaves this embedding alone
+    const int64_t V = unpacked[s].out_features;
     for (int64_t a = ptr[s]; a < ptr[s + 1]; ++a) {
       for (int64_t j = 0; j < T; ++j) {
         const int64_t token = id[rows[a] * T + j];
@@ -479,21 +488,16 @@ void embedding_side_(torch::Tensor out, torch::Tensor ids, torch::Tensor slots, 
                                   "embedding_side_", [&] {
     scalar_t* op = out.data_ptr<scalar_t>();
     for (int64_t s = 0; s < S; ++s) {
-      const int64_t* r = t + s * kSlotFields;
-      if (r[4] == 0) continue;
-      const auto* crow = reinterpret_cast<const int32_t*>(r[0]);
-      const auto* val = reinterpret_cast<const float*>(r[2]);
-      for (int64_t a = ptr[s]; a < ptr[s + 1]; ++a) {
-        for (int64_t j = 0; j < T; ++j) {
-          const int64_t flat = rows[a] * T + j;
-          scalar_t* y = op + flat * H;
-          if (r[6]) {
-            embedding_rows(y, crow, reinterpret_cast<const uint16_t*>(r[1]), val, id[flat]);
-          } else {
-            embedding_rows(y, crow, reinterpret_cast<const int32_t*>(r[1]), val, id[flat]);
+      const Slot& slot = unpacked[s];
+      if (slot.nnz == 0) continue;
+      with_cols(slot, [&](const auto* col) {
+        for (int64_t a = ptr[s]; a < ptr[s + 1]; ++a) {
+          for (int64_t j = 0; j < T; ++j) {
+            const int64_t flat = rows[a] * T + j;
+            embedding_rows(op + flat * H, slot.crow, col, slot.val, id[flat]);
           }
         }
-      }
+      });
     }
   });
 }
