@@ -235,8 +235,7 @@ def run(
             with lock:
                 results.append((ttft if ttft is not None else latency, latency, tokens))
 
-    before = _metric(client, "deltaserve_swaps_total")
-    steps_before = [_metric(client, n) for n in _OCCUPANCY]
+    before = _metrics(client)
     cpu_before = cpu_seconds(pid)
     t0 = time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
@@ -247,24 +246,29 @@ def run(
     wall = time.perf_counter() - t0
     cpu_after = cpu_seconds(pid)
     cpu = cpu_after - cpu_before if cpu_before is not None and cpu_after is not None else None
-    occupancy = {n: _metric(client, n) - b for n, b in zip(_OCCUPANCY, steps_before, strict=True)}
-    out = {"wall_s": wall, "results": results, "swaps": _metric(client, "deltaserve_swaps_total") - before,
-           "cache_bytes": _metric(client, "deltaserve_delta_cache_bytes"), "server_cpu_s": cpu,
-           "occupancy": occupancy}  # fmt: skip
+    after = _metrics(client)
+    occupancy = {n: after[n] - before[n] for n in _OCCUPANCY}
+    out = {"wall_s": wall, "results": results, "swaps": after[_SWAPS] - before[_SWAPS],
+           "cache_bytes": after[_CACHE], "server_cpu_s": cpu, "occupancy": occupancy}  # fmt: skip
     client.close()
     return out
 
 
+_SWAPS, _CACHE = "deltaserve_swaps_total", "deltaserve_delta_cache_bytes"
 # decode steps and rows summed over them, prefills and their rows (the server's counters)
 _OCCUPANCY = ("deltaserve_decode_steps_total", "deltaserve_decode_rows_total", "deltaserve_prefills_total",
               "deltaserve_prefill_rows_total")  # fmt: skip
 
 
-def _metric(client: httpx.Client, name: str) -> float:
+def _metrics(client: httpx.Client) -> dict[str, float]:
+    """The server counters the benchmark reads (0 where absent), from one scrape of /metrics."""
+    names = (_SWAPS, _CACHE, *_OCCUPANCY)
+    found = dict.fromkeys(names, 0.0)
     for line in client.get("/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return 0.0
+        name, _, value = line.partition(" ")
+        if name in found:
+            found[name] = float(value)
+    return found
 
 
 def _tps(run: dict[str, Any]) -> float:

@@ -99,7 +99,7 @@ def pack_parameters_(model: nn.Module, device: torch.device) -> FlatWeights | No
     (dtype,) = dtypes
     shapes = {name: p.shape for name, p in params.items()}
     offsets, total = flat_layout(shapes, dtype)
-    host, _ = host_zeros(total, dtype) if device.type == "cpu" else (torch.zeros(total, dtype=dtype), False)
+    host, _ = host_zeros(total, dtype)  # on CPU it stays the resident buffer (`.to` returns it as is)
     with torch.no_grad():
         for name, param in params.items():
             n = shapes[name].numel()
