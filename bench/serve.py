@@ -237,6 +237,7 @@ def run(
 
     before = _metrics(client)
     cpu_before = cpu_seconds(pid)
+    client_before = time.process_time()  # this process: the clients (and in-process servers)
     t0 = time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
     for t in threads:
@@ -244,25 +245,29 @@ def run(
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    client_cpu = time.process_time() - client_before
     cpu_after = cpu_seconds(pid)
     cpu = cpu_after - cpu_before if cpu_before is not None and cpu_after is not None else None
     after = _metrics(client)
-    occupancy = {n: after[n] - before[n] for n in _OCCUPANCY}
+    passes = {n: after[n] - before[n] for n in _PASSES}
     out = {"wall_s": wall, "results": results, "swaps": after[_SWAPS] - before[_SWAPS],
-           "cache_bytes": after[_CACHE], "server_cpu_s": cpu, "occupancy": occupancy}  # fmt: skip
+           "cache_bytes": after[_CACHE], "server_cpu_s": cpu, "passes": passes,
+           "client_cpu_s": client_cpu}  # fmt: skip
     client.close()
     return out
 
 
 _SWAPS, _CACHE = "deltaserve_swaps_total", "deltaserve_delta_cache_bytes"
-# decode steps and rows summed over them, prefills and their rows (the server's counters)
-_OCCUPANCY = ("deltaserve_decode_steps_total", "deltaserve_decode_rows_total", "deltaserve_prefills_total",
-              "deltaserve_prefill_rows_total")  # fmt: skip
+# decode steps and rows summed over them, prefills and their rows, and the seconds of each kind of pass
+# (the server's counters)
+_PASSES = ("deltaserve_decode_steps_total", "deltaserve_decode_rows_total", "deltaserve_prefills_total",
+           "deltaserve_prefill_rows_total", "deltaserve_decode_step_seconds_sum",
+           "deltaserve_prefill_seconds_sum")  # fmt: skip
 
 
 def _metrics(client: httpx.Client) -> dict[str, float]:
     """The server counters the benchmark reads (0 where absent), from one scrape of /metrics."""
-    names = (_SWAPS, _CACHE, *_OCCUPANCY)
+    names = (_SWAPS, _CACHE, *_PASSES)
     found = dict.fromkeys(names, 0.0)
     for line in client.get("/metrics").text.splitlines():
         name, _, value = line.partition(" ")
@@ -281,8 +286,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     latency = sorted(r[1] for r in results)
     tokens = sum(r[2] for r in results)
     wall = sum(run["wall_s"] for run in runs)
-    occupancy = {n: sum(run.get("occupancy", {}).get(n, 0.0) for run in runs) for n in _OCCUPANCY}
-    steps, step_rows, prefills, prefill_rows = (occupancy[n] for n in _OCCUPANCY)
+    passes = {n: sum(run.get("passes", {}).get(n, 0.0) for run in runs) for n in _PASSES}
+    steps, step_rows, prefills, prefill_rows, step_s, prefill_s = (passes[n] for n in _PASSES)
     cpus = [run.get("server_cpu_s") for run in runs]
     cpu = sum(c for c in cpus if c is not None) if cpus and None not in cpus else None
 
@@ -296,8 +301,13 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "swaps_per_request": sum(run["swaps"] for run in runs) / len(results),
         "cache_bytes": max(run["cache_bytes"] for run in runs),
         "server_cpu_s_per_token": cpu / tokens if cpu is not None and tokens else None,
+        "server_cores": cpu / wall if cpu is not None else None,
+        "client_cores": sum(run.get("client_cpu_s", 0.0) for run in runs) / wall,
         "rows_per_decode_step": step_rows / steps if steps else None,
         "rows_per_prefill": prefill_rows / prefills if prefills else None,
+        "decode_step_ms": 1e3 * step_s / steps if steps else None,
+        "prefill_ms": 1e3 * prefill_s / prefills if prefills else None,
+        "passes_share": (step_s + prefill_s) / wall if steps or prefills else None,
     }  # fmt: skip
 
 
@@ -478,7 +488,10 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "`rounds` lists them. `CPU ratio` = server CPU seconds per token of the base-only server over this "
         "server's (pooled like `ratio`; the work a token costs, which other tenants' load moves far less than "
         "wall time; servers in processes only). `rows/step` = the mean batch a decode step served, `rows/prefill` "
-        "the mean rows a prefill (a batch's start, or rows joining it) served. `swaps/req` counts a delta swap's apply "
+        "the mean rows a prefill (a batch's start, or rows joining it) served; `ms/step` and `ms/prefill` the "
+        "server's mean time for each (forward pass and token choice), `in passes` the share of the wall time "
+        "the server spent in them (the rest: the HTTP layer, scheduling, joins, and waiting on clients). "
+        "`swaps/req` counts a delta swap's apply "
         "and restore separately, the naive server's full copy once. "
         + (
             f"Peak RSS of the whole run (all servers in one process): {meta['peak_rss_bytes'] / 2**20:.0f} MiB."
@@ -487,8 +500,8 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             f"RSS of the largest server process: {meta['peak_rss_bytes'] / 2**20:.0f} MiB."
         ),
         "",
-        "| mode | deltas | mix | conc. | tokens/s | ratio | median/round | rounds | CPU ratio | rows/step | rows/prefill | TTFT p50 / p99 (s) | latency p50 / p99 (s) | swaps/req | cache MiB |",
-        "|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| mode | deltas | mix | conc. | tokens/s | ratio | median/round | rounds | CPU ratio | rows/step | rows/prefill | ms/step | ms/prefill | in passes | TTFT p50 / p99 (s) | latency p50 / p99 (s) | swaps/req | cache MiB |",
+        "|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]  # fmt: skip
     for r in rows:
         lines.append(
@@ -498,6 +511,9 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             f"{'-' if r.get('cpu_ratio_to_base') is None else format(r['cpu_ratio_to_base'], '.2f')} | "
             f"{'-' if r.get('rows_per_decode_step') is None else format(r['rows_per_decode_step'], '.1f')} | "
             f"{'-' if r.get('rows_per_prefill') is None else format(r['rows_per_prefill'], '.1f')} | "
+            f"{'-' if r.get('decode_step_ms') is None else format(r['decode_step_ms'], '.1f')} | "
+            f"{'-' if r.get('prefill_ms') is None else format(r['prefill_ms'], '.1f')} | "
+            f"{'-' if r.get('passes_share') is None else format(r['passes_share'], '.0%')} | "
             f"{r['ttft_p50_s']:.3f} / {r['ttft_p99_s']:.3f} | "
             f"{r['latency_p50_s']:.3f} / {r['latency_p99_s']:.3f} | {r['swaps_per_request']:.2f} | "
             f"{r['cache_bytes'] / 2**20:.1f} |"

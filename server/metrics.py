@@ -6,6 +6,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _SWAP_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
+_STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class ServerMetrics:
@@ -57,16 +58,28 @@ class ServerMetrics:
             "deltaserve_prefills", "prefill forward passes (a batch's start, or rows joining it)", registry=r
         )
         self.prefill_rows = Counter("deltaserve_prefill_rows", "rows summed over prefills", registry=r)
+        # Time per forward pass (and token choice): their sums against the wall clock say how much of it the
+        # model's passes take, and the rest is the server's own work.
+        self.decode_step_seconds = Histogram(
+            "deltaserve_decode_step_seconds", "time of one decode step (forward pass and token choice)",
+            buckets=_STEP_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.prefill_seconds = Histogram(
+            "deltaserve_prefill_seconds", "time of one prefill (forward pass and first token choice)",
+            buckets=_STEP_BUCKETS, registry=r,
+        )  # fmt: skip
 
-    def prefilled(self, rows: int) -> None:
-        """The engine ran a prefill of `rows` rows (server.engine.generator.StepObserver)."""
+    def prefilled(self, rows: int, seconds: float) -> None:
+        """The engine ran a prefill of `rows` rows in `seconds` (server.engine.generator.StepObserver)."""
         self.prefills.inc()
         self.prefill_rows.inc(rows)
+        self.prefill_seconds.observe(seconds)
 
-    def decoded(self, rows: int) -> None:
-        """The engine ran a decode step of `rows` rows."""
+    def decoded(self, rows: int, seconds: float) -> None:
+        """The engine ran a decode step of `rows` rows in `seconds`."""
         self.decode_steps.inc()
         self.decode_rows.inc(rows)
+        self.decode_step_seconds.observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -65,11 +66,15 @@ class _Row:
 
 
 class StepObserver(Protocol):
-    """Told about every forward pass the engine runs (the server counts them in its metrics)."""
+    """Told about every forward pass the engine runs (the server counts and times them in its metrics).
 
-    def prefilled(self, rows: int) -> None: ...
+    `seconds` spans the forward pass and the choice of each row's next token (the device is synchronised
+    by then: the tokens are on the host), not the hooks' relay or the rows' text.
+    """
 
-    def decoded(self, rows: int) -> None: ...
+    def prefilled(self, rows: int, seconds: float) -> None: ...
+
+    def decoded(self, rows: int, seconds: float) -> None: ...
 
 
 class Engine:
@@ -206,15 +211,23 @@ class Engine:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # padding does not shift positions
         cache = DynamicCache(config=self.model.config)
         logits = self._forward(ids, mask, positions, cache)
-        if self.observer is not None:
-            self.observer.prefilled(len(rows))
         return logits, mask, positions, cache
 
-    def _step(self, rows: list[_Row], logits: torch.Tensor, first: bool) -> tuple[torch.Tensor, int]:
-        """Choose and feed one token per row; returns (tokens (B,), tokens generated)."""
+    def _step(
+        self, rows: list[_Row], logits: torch.Tensor, first: bool, started: float
+    ) -> tuple[torch.Tensor, int]:
+        """Choose and feed one token per row (the forward pass that gave `logits` began at perf_counter()
+        `started`); returns (tokens (B,), tokens generated)."""
         tokens = choose_tokens(logits, [r.request.params for r in rows], [r.generator for r in rows])
+        chosen = tokens.tolist()  # on the host: the forward pass is over, on any device
+        if self.observer is not None:
+            seconds = time.perf_counter() - started
+            if first:
+                self.observer.prefilled(len(rows), seconds)
+            else:
+                self.observer.decoded(len(rows), seconds)
         total = 0
-        for row, token in zip(rows, tokens.tolist(), strict=True):
+        for row, token in zip(rows, chosen, strict=True):
             if first:
                 row.request.sink.on_start()
             total += self._advance(row, int(token))
@@ -224,8 +237,9 @@ class Engine:
         rows = list(everyone)
         if not rows:
             return 0
+        started = time.perf_counter()
         logits, mask, positions, cache = self._prefill(rows)
-        tokens, total = self._step(rows, logits, first=True)
+        tokens, total = self._step(rows, logits, first=True, started=started)
         can_join = join is not None and _joinable(cache)
         while True:
             keep = [i for i, r in enumerate(rows) if not r.done]
@@ -260,10 +274,9 @@ class Engine:
                 return total
             mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)  # (B, T+1)
             positions = positions[:, -1:] + 1  # (B, 1)
+            started = time.perf_counter()
             logits = self._forward(tokens[:, None], mask, positions, cache)
-            if self.observer is not None:
-                self.observer.decoded(len(rows))
-            tokens, generated = self._step(rows, logits, first=False)
+            tokens, generated = self._step(rows, logits, first=False, started=started)
             total += generated
 
     def _admit(
@@ -274,11 +287,12 @@ class Engine:
         for hooks in current:
             hooks.relay([r.request for r in joined], self.device)
         try:
+            started = time.perf_counter()
             logits, mask, positions, cache = self._prefill(joined)
+            tokens, generated = self._step(joined, logits, first=True, started=started)
         finally:
             for hooks in current:
                 hooks.relay([r.request for r in rows + joined], self.device)
-        tokens, generated = self._step(joined, logits, first=True)
         return tokens, mask, positions, cache, generated
 
     def _forward(

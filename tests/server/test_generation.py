@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -181,20 +182,29 @@ def _counter(metrics: str, name: str) -> float:
     return float(line.split()[1])
 
 
-def test_metrics_count_every_prefill_and_decode_step_with_its_rows(live: LiveServer) -> None:
+def test_metrics_count_and_time_every_prefill_and_decode_step_with_its_rows(live: LiveServer) -> None:
     names = ("deltaserve_prefills_total", "deltaserve_prefill_rows_total", "deltaserve_decode_steps_total",
-             "deltaserve_decode_rows_total")  # fmt: skip
+             "deltaserve_decode_rows_total", "deltaserve_prefill_seconds_count", "deltaserve_prefill_seconds_sum",
+             "deltaserve_decode_step_seconds_count", "deltaserve_decode_step_seconds_sum")  # fmt: skip
     with live.client() as c:
         before = {n: _counter(c.get("/metrics").text, n) for n in names}
+        started = time.perf_counter()
         body = complete(live, "ft-1", PROMPTS[1], max_tokens=6, ignore_eos=True)
+        wall = time.perf_counter() - started
         after = {n: _counter(c.get("/metrics").text, n) for n in names}
+    delta = {n: after[n] - before[n] for n in names}
     usage = body["usage"]
     assert isinstance(usage, dict) and usage["completion_tokens"] == 6
     # one row: its prompt's prefill gives the first token, then one decode step per further token
-    assert after["deltaserve_prefills_total"] - before["deltaserve_prefills_total"] == 1
-    assert after["deltaserve_prefill_rows_total"] - before["deltaserve_prefill_rows_total"] == 1
-    assert after["deltaserve_decode_steps_total"] - before["deltaserve_decode_steps_total"] == 5
-    assert after["deltaserve_decode_rows_total"] - before["deltaserve_decode_rows_total"] == 5
+    assert delta["deltaserve_prefills_total"] == 1
+    assert delta["deltaserve_prefill_rows_total"] == 1
+    assert delta["deltaserve_decode_steps_total"] == 5
+    assert delta["deltaserve_decode_rows_total"] == 5
+    # each pass is timed once, and the passes took part of the request's time, not more
+    assert delta["deltaserve_prefill_seconds_count"] == 1
+    assert delta["deltaserve_decode_step_seconds_count"] == 5
+    passes = delta["deltaserve_prefill_seconds_sum"] + delta["deltaserve_decode_step_seconds_sum"]
+    assert 0 < passes < wall
 
 
 def test_ignore_eos_generates_exactly_max_tokens(live: LiveServer) -> None:
