@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from server.api.errors import install_error_handlers
 from server.api.middleware import RequestIdMiddleware
 from server.api.routes import chat, completions, deltas, health, metrics, models
+from server.engine.threads import on_fresh_thread
 from server.metrics import ServerMetrics
 from server.runtime import build_runtime
 from server.settings import ServerSettings
@@ -22,7 +23,10 @@ log = logging.getLogger(__name__)
 async def _load(app: FastAPI, settings: ServerSettings) -> None:
     """Build the runtime off the event loop, so /health answers (and /ready says 503) while it loads."""
     try:
-        app.state.runtime = await asyncio.to_thread(build_runtime, settings, app.state.metrics)
+        # on a thread that ends with the load (server.engine.threads: one OpenMP pool, the worker's)
+        app.state.runtime = await asyncio.to_thread(
+            on_fresh_thread, build_runtime, settings, app.state.metrics
+        )
     except Exception as exc:  # reported by /ready (503 with the reason) and in the log; nothing is served
         log.exception("could not load the base model from %s", settings.base)
         app.state.load_error = f"{type(exc).__name__}: {exc}"

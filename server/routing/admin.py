@@ -6,7 +6,16 @@ import asyncio
 import logging
 from pathlib import Path
 
-from deltas_store import DeltaStore, PreparedDelta, StoredDelta, manifest_summary, read_delta, validate_name
+from deltas_store import (
+    Delta,
+    DeltaStore,
+    PreparedDelta,
+    StoredDelta,
+    manifest_summary,
+    read_delta,
+    validate_name,
+)
+from server.engine.threads import on_fresh_thread
 from server.errors import NameConflictError
 from server.routing.cache import DeltaCache
 from server.routing.loading import DeltaLoader
@@ -50,8 +59,9 @@ class DeltaAdmin:
         validate_name(name)
         if name == self.registry.base_id:
             raise NameConflictError(f"{name!r} is the base model's id; choose another name", param="name")
-        delta = read_delta(staged)  # integrity: checksums, keys, shapes, index bounds
-        prepared = self.loader.prepare(delta)  # right base, every name and shape fits
+        # integrity (checksums, keys, shapes, index bounds), then the right base and every name and shape
+        # fits, on a thread that ends with them (server.engine.threads: one OpenMP pool, the worker's)
+        delta, prepared = on_fresh_thread(self._check, staged)
         # The trial apply + restore and the layout (it reads the base) run on the worker between batches.
         served = self.scheduler.call(lambda: self._trial(prepared)).result()
         summary = manifest_summary(delta.manifest, staged.stat().st_size)
@@ -60,6 +70,10 @@ class DeltaAdmin:
         self.cache.put((name, stored.version), served)
         log.info("stored delta %s v%d (%d bytes)", name, stored.version, stored.size)
         return stored
+
+    def _check(self, staged: Path) -> tuple[Delta, PreparedDelta]:
+        delta = read_delta(staged)
+        return delta, self.loader.prepare(delta)
 
     def _trial(self, prepared: PreparedDelta) -> ServedDelta:
         self.swaps.trial(prepared)

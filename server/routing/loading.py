@@ -13,6 +13,7 @@ import torch
 from deltas_store import Delta, DeltaStoreError, PreparedDelta, check_base, prepare_delta, read_delta
 from server.engine.mixed.modules import ParamUses
 from server.engine.packing import FlatWeights
+from server.engine.threads import on_fresh_thread
 from server.errors import ServerError
 from server.routing.cache import CacheKey, DeltaCache
 from server.routing.flat import BaseValues
@@ -74,7 +75,8 @@ class DeltaLoader:
             future = self._inflight.get(key)
             if future is not None:  # done but not cached (over budget, or failed): `load` takes it from here
                 return future.done()
-            future = self._prefetcher.submit(self._read, key, ref.stored.path)
+            # each read on a thread of its own that ends with it (server.engine.threads)
+            future = self._prefetcher.submit(on_fresh_thread, self._read, key, ref.stored.path)
             self._inflight[key] = future
         future.add_done_callback(lambda _f: on_ready())
         return future.done()  # it may already be (then the callback ran here)
