@@ -500,8 +500,8 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             f"RSS of the largest server process: {meta['peak_rss_bytes'] / 2**20:.0f} MiB."
         ),
         "",
-        "| mode | deltas | mix | conc. | tokens/s | ratio | median/round | rounds | CPU ratio | rows/step | rows/prefill | ms/step | ms/prefill | in passes | TTFT p50 / p99 (s) | latency p50 / p99 (s) | swaps/req | cache MiB |",
-        "|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| mode | deltas | mix | conc. | tokens/s | ratio | median/round | rounds | CPU ratio | rows/step | rows/prefill | ms/step | ms/prefill | in passes | cores | TTFT p50 / p99 (s) | latency p50 / p99 (s) | swaps/req | cache MiB |",
+        "|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]  # fmt: skip
     for r in rows:
         lines.append(
@@ -514,6 +514,7 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             f"{'-' if r.get('decode_step_ms') is None else format(r['decode_step_ms'], '.1f')} | "
             f"{'-' if r.get('prefill_ms') is None else format(r['prefill_ms'], '.1f')} | "
             f"{'-' if r.get('passes_share') is None else format(r['passes_share'], '.0%')} | "
+            f"{'-' if r.get('server_cores') is None else format(r['server_cores'], '.2f')} | "
             f"{r['ttft_p50_s']:.3f} / {r['ttft_p99_s']:.3f} | "
             f"{r['latency_p50_s']:.3f} / {r['latency_p99_s']:.3f} | {r['swaps_per_request']:.2f} | "
             f"{r['cache_bytes'] / 2**20:.1f} |"
