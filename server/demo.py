@@ -145,11 +145,16 @@ def run_demo(steps: int, drop_rate: float, max_tokens: int) -> int:
 
     from deltas_store import embedded_base_dir
     from deltas_store.embedded import cache_root
+    from server.engine.threads import on_fresh_thread
     from server.settings import default_store_dir
 
+    def prepare() -> tuple[Path, dict[str, Path]]:
+        base = embedded_base_dir()
+        return base, build_variants(base, cache_root() / "demo", steps=steps, drop_rate=drop_rate)
+
     _say("base model: the embedded SmolLM2-135M-Instruct")
-    base = embedded_base_dir()
-    deltas = build_variants(base, cache_root() / "demo", steps=steps, drop_rate=drop_rate)
+    # on a thread that ends with it: the server's worker then owns the process's only OpenMP pool
+    base, deltas = on_fresh_thread(prepare)
     store = default_store_dir()
     admin_key = secrets.token_urlsafe(16)
     _say(f"starting deltaserve on loopback (store: {store})")
