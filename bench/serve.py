@@ -2,7 +2,8 @@
 
 Servers (uvicorn on loopback, real HTTP, streamed completions), measured interleaved; by default each is its own
 `deltaserve serve` process, as in production, so the load generator's 32 client threads do not contend for the
-server's GIL (`--in-process` runs them all in this process instead, as earlier results did):
+server's GIL, and the benchmark's own torch work (building the deltas) leaves no OpenMP pool in the server
+(server.engine.threads; `--in-process` runs them all in this process instead, as earlier results did):
 
   * base    — requests for the base model only: the upper bound;
   * naive   — merged batches, and every switch copies a whole fine-tuned weight set (swap_mode=full);
@@ -364,7 +365,7 @@ def main() -> int:
     )
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
-        "--in-process", action="store_true", help="run the servers in this process (they share its GIL)"
+        "--in-process", action="store_true", help="run the servers in this process (they share its GIL and OpenMP pools)"
     )
     args = parser.parse_args()
     if args.threads:
