@@ -10,6 +10,8 @@ Baselines, in the same run, on the same fine-tunes written out whole by `deltase
   * full copy — what a server without deltas does on a miss: read the fine-tune's safetensors and copy
     every tensor into its resident model, then the first token.
 Files were just written, so both sides read them from the OS page cache (the fair, optimistic case).
+The baselines run on the server's worker thread (between its batches) and the setup on threads that end with
+it, so the process keeps one OpenMP pool throughout, as `deltaserve serve` does (server.engine.threads).
 
     python bench/cold.py --quick --threads 1    # tiny Llama, under a minute
     python bench/cold.py                        # SmolLM2-135M (the embedded base)
@@ -24,8 +26,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -36,12 +39,14 @@ from bench.results_io import write_results  # noqa: E402
 from bench.serve import BASE_ID, base_model  # noqa: E402
 from deltas_store import CompressOptions, DeltaStore, apply_to_dir, compress, read_delta  # noqa: E402
 from server.engine.request import Finished, GenerationRequest, SamplingParams  # noqa: E402
+from server.engine.threads import on_fresh_thread  # noqa: E402
 from server.metrics import ServerMetrics  # noqa: E402
 from server.runtime import Runtime, build_runtime  # noqa: E402
 from server.settings import ServerSettings  # noqa: E402
 from tests.models import perturb  # noqa: E402
 
 PROMPT = "Fine-tuned variants of one base model"
+T = TypeVar("T")
 
 
 class _FirstToken:
@@ -83,9 +88,11 @@ def breakdown_s(runtime: Runtime, path: Path) -> dict[str, float]:
     """Where a cold load's time goes: deltas_store's read + decode, its checks, the server's layout."""
     loader = runtime.scheduler.loader
     t0 = time.perf_counter()
-    delta = read_delta(path)  # integrity checks and index decoding (seeded masks are regenerated here)
+    # integrity checks and index decoding (seeded masks are regenerated here), on a thread of its own like
+    # the server's background read
+    delta = on_fresh_thread(read_delta, path)
     t1 = time.perf_counter()
-    prepared = loader.prepare(delta)
+    prepared = on_fresh_thread(loader.prepare, delta)
     t2 = time.perf_counter()
     runtime.scheduler.call(lambda: loader.serve(prepared)).result(600)  # reads the base: on the worker
     t3 = time.perf_counter()
@@ -119,6 +126,20 @@ def full_copy_s(model_dir: Path, resident: torch.nn.Module, ids: torch.Tensor) -
     return time.perf_counter() - t0
 
 
+def setup(kind: str, root: Path, n: int, drop_rate: float) -> tuple[Path, list[Path]]:
+    """The base, `n` compressed fine-tunes in a store under `root`, and each fine-tune applied whole."""
+    base = base_model(kind, root)
+    store = DeltaStore(root / "store")
+    applied = []
+    for i in range(n):
+        ft = perturb(base, root / f"ft-{i}", scale=0.05, seed=200 + i)
+        path = compress(CompressOptions(base, ft, root / f"d{i}.safetensors", method="dare",
+                                        drop_rate=drop_rate, seed=i)).path  # fmt: skip
+        store.put(f"d{i}", path)
+        applied.append(apply_to_dir(base, path, root / f"applied-{i}"))
+    return base, applied
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, 3 cold deltas")
@@ -134,15 +155,7 @@ def main() -> int:
     n = args.deltas or (3 if args.quick else 4)
     with tempfile.TemporaryDirectory(prefix="deltaserve-cold-") as tmp:
         root = Path(tmp)
-        base = base_model(kind, root)
-        store = DeltaStore(root / "store")
-        applied = []
-        for i in range(n):
-            ft = perturb(base, root / f"ft-{i}", scale=0.05, seed=200 + i)
-            path = compress(CompressOptions(base, ft, root / f"d{i}.safetensors", method="dare",
-                                            drop_rate=args.drop_rate, seed=i)).path  # fmt: skip
-            store.put(f"d{i}", path)
-            applied.append(apply_to_dir(base, path, root / f"applied-{i}"))
+        base, applied = on_fresh_thread(setup, kind, root, n, args.drop_rate)
         delta_bytes = statistics.median(
             path.stat().st_size for path in (root / "store").rglob("*.safetensors")
         )
@@ -150,10 +163,13 @@ def main() -> int:
             sum(f.stat().st_size for f in d.glob("*.safetensors")) for d in applied
         )
         settings = ServerSettings(base=base, store=root / "store", device="cpu", model_id=BASE_ID)
-        runtime = build_runtime(settings, ServerMetrics())
+        runtime = on_fresh_thread(build_runtime, settings, ServerMetrics())
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        resident = AutoModelForCausalLM.from_pretrained(base).eval()
+        def on_worker(fn: Callable[[], T]) -> T:
+            return runtime.scheduler.call(fn).result(600)
+
+        resident = on_worker(lambda: AutoModelForCausalLM.from_pretrained(base).eval())
         ids = AutoTokenizer.from_pretrained(base)(PROMPT, return_tensors="pt")["input_ids"]
         dtype = next(resident.parameters()).dtype
         samples: dict[str, list[float]] = {
@@ -170,8 +186,8 @@ def main() -> int:
                 samples["cold"].append(first_token_s(runtime, f"d{i}"))
                 samples["warm"].append(first_token_s(runtime, f"d{i}"))
                 samples["base"].append(first_token_s(runtime, BASE_ID))
-                samples["full_load"].append(full_load_s(applied[i], dtype))
-                samples["full_copy"].append(full_copy_s(applied[i], resident, ids))
+                samples["full_load"].append(on_worker(lambda i=i: full_load_s(applied[i], dtype)))
+                samples["full_copy"].append(on_worker(lambda i=i: full_copy_s(applied[i], resident, ids)))
                 parts.append(breakdown_s(runtime, root / f"d{i}.safetensors"))
         finally:
             runtime.scheduler.stop(60)

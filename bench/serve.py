@@ -365,7 +365,9 @@ def main() -> int:
     )
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
-        "--in-process", action="store_true", help="run the servers in this process (they share its GIL and OpenMP pools)"
+        "--in-process",
+        action="store_true",
+        help="run the servers in this process (they share its GIL and OpenMP pools)",
     )
     args = parser.parse_args()
     if args.threads:
