@@ -27,7 +27,14 @@ def _mix32_(x: torch.Tensor) -> torch.Tensor:
 
 
 def _mix32(value: int) -> int:
-    return int(_mix32_(torch.tensor([value & _MASK32], dtype=torch.int64))[0])
+    """`_mix32_` of one value, in Python integers (a stream key costs four: no tensor per call)."""
+    x = value & _MASK32
+    x ^= x >> 16
+    x = (x * _MUL_A) & _MASK32
+    x ^= x >> 15
+    x = (x * _MUL_B) & _MASK32
+    x ^= x >> 16
+    return x
 
 
 def stream_key(seed: int, tensor_name: str) -> tuple[int, int]:

@@ -13,6 +13,8 @@ import torch
 
 from deltas_store import native
 from deltas_store.compression.sparsify import (
+    _mix32,
+    _mix32_,
     _seeded_keep_torch,
     keep_threshold,
     rowwise_topk_keep_indices,
@@ -85,6 +87,21 @@ def test_native_mask_is_the_torch_mask_bit_for_bit(numel: int, density: float, s
     fast = kernels.seeded_keep(numel, key_a, key_b, threshold)
     assert fast.dtype == torch.int64
     assert torch.equal(fast, _seeded_keep_torch(numel, key_a, key_b, threshold, "cpu"))
+
+
+def test_scalar_hash_is_the_tensor_hash() -> None:
+    """stream_key hashes Python ints; masks hash tensors (and C++): the same function, bit for bit."""
+    values = [
+        0,
+        1,
+        0x9E3779B9,
+        2**31,
+        2**32 - 1,
+        *torch.randint(0, 2**32, (200,), dtype=torch.int64).tolist(),
+    ]
+    tensor = _mix32_(torch.tensor(values, dtype=torch.int64))
+    assert [_mix32(v) for v in values] == tensor.tolist()
+    assert _mix32(2**32 + 5) == _mix32(5)  # the value is taken mod 2**32
 
 
 @pytest.mark.gpu
