@@ -184,6 +184,7 @@ def run_demo(steps: int, drop_rate: float, max_tokens: int) -> int:
                     "model": model,
                     "messages": [{"role": "user", "content": prompt}],
                     "max_tokens": max_tokens,
+                    "temperature": 0,  # greedy, as announced (the API's default samples, as OpenAI's does)
                 }
                 answer = http.post("/v1/chat/completions", json=body)
                 answer.raise_for_status()
