@@ -15,6 +15,10 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import httpx
 
 PROMPTS = ("What is the largest planet?", "Who wrote Hamlet?", "How do I boil an egg?")
 
@@ -140,6 +144,20 @@ class _Server:
         self._thread.join(timeout=60)
 
 
+def ask(http: httpx.Client, model: str, prompt: str, max_tokens: int) -> str:
+    """`prompt` as one user message to `model` over /v1/chat/completions, answered greedily (temperature 0:
+    the API's default samples, as OpenAI's does)."""
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
+    answer = http.post("/v1/chat/completions", json=body)
+    answer.raise_for_status()
+    return str(answer.json()["choices"][0]["message"]["content"])
+
+
 def run_demo(steps: int, drop_rate: float, max_tokens: int) -> int:
     import httpx
 
@@ -180,15 +198,7 @@ def run_demo(steps: int, drop_rate: float, max_tokens: int) -> int:
         for prompt in PROMPTS:
             print(f"\nQ: {prompt}")
             for model in (base_id, *deltas):
-                body = {
-                    "model": model,
-                    "messages": [{"role": "user", "content": prompt}],
-                    "max_tokens": max_tokens,
-                    "temperature": 0,  # greedy, as announced (the API's default samples, as OpenAI's does)
-                }
-                answer = http.post("/v1/chat/completions", json=body)
-                answer.raise_for_status()
-                text = answer.json()["choices"][0]["message"]["content"].strip().replace("\n", " ")
+                text = ask(http, model, prompt, max_tokens).strip().replace("\n", " ")
                 print(f"   {model:>24}: {text}")
         metrics = http.get("/metrics").text
         swaps = [line for line in metrics.splitlines() if line.startswith("deltaserve_swaps_total")]

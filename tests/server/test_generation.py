@@ -211,3 +211,19 @@ def test_ignore_eos_generates_exactly_max_tokens(live: LiveServer) -> None:
     body = complete(live, "ft-0", PROMPTS[0], max_tokens=20, ignore_eos=True)
     assert body["usage"]["completion_tokens"] == 20  # type: ignore[index]
     assert body["choices"][0]["finish_reason"] == "length"  # type: ignore[index]
+
+
+def test_the_demo_asks_for_transformers_greedy_answer(live: LiveServer) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from server.demo import ask
+
+    tok = AutoTokenizer.from_pretrained(live.settings.base)
+    model = AutoModelForCausalLM.from_pretrained(live.settings.base, dtype=torch.float32).eval()
+    messages = [{"role": "user", "content": "Hello world! How are you?"}]
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    enc = tok(text, return_tensors="pt", add_special_tokens=False)
+    ids = model.generate(**enc, max_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=tok.pad_token_id)
+    greedy = tok.decode(ids[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    with live.client() as http:
+        assert ask(http, BASE_ID, messages[0]["content"], MAX_TOKENS) == greedy
