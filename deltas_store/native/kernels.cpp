@@ -504,18 +504,20 @@ void embedding_side_(torch::Tensor out, torch::Tensor ids, torch::Tensor slots, 
 
 namespace {
 
-// h[j] = the mask hash of element start + j, for j < n: no branch in the loop, so the compiler vectorizes it
-// (two 32-bit multiplies per element).
+// keep[j] = whether element start + j is kept (its hash below `limit`), for j < n: no branch in the loop, so the
+// compiler vectorizes it (two 32-bit multiplies and an unsigned compare per element).
 #define DELTASERVE_HASH_RUN_BODY \
-  for (int j = 0; j < n; ++j) h[j] = mix32(mix32((start + static_cast<uint32_t>(j)) ^ ka) ^ kb);
+  for (int j = 0; j < n; ++j) keep[j] = mix32(mix32((start + static_cast<uint32_t>(j)) ^ ka) ^ kb) < limit;
 
-inline void hash_run(uint32_t start, int n, uint32_t ka, uint32_t kb, uint32_t* h) { DELTASERVE_HASH_RUN_BODY }
+inline void hash_run(uint32_t start, int n, uint32_t ka, uint32_t kb, uint32_t limit, uint8_t* keep) {
+  DELTASERVE_HASH_RUN_BODY
+}
 
 #if defined(__GNUC__) && defined(__x86_64__)
 // The same loop compiled for AVX2 (8 lanes of 32-bit multiplies; SSE2, the portable baseline, has no 32-bit
 // multiply), chosen at run time where the CPU has it: the file stays portable.
-__attribute__((target("avx2"))) void hash_run_avx2(uint32_t start, int n, uint32_t ka, uint32_t kb,
-                                                    uint32_t* h) {
+__attribute__((target("avx2"))) void hash_run_avx2(uint32_t start, int n, uint32_t ka, uint32_t kb, uint32_t limit,
+                                                    uint8_t* keep) {
   DELTASERVE_HASH_RUN_BODY
 }
 const bool kHashAvx2 = [] {
@@ -531,13 +533,14 @@ torch::Tensor seeded_keep(int64_t numel, int64_t key_a, int64_t key_b, int64_t t
   TORCH_CHECK(key_a >= 0 && key_a <= 0xFFFFFFFFll && key_b >= 0 && key_b <= 0xFFFFFFFFll, "keys are 32-bit");
   TORCH_CHECK(threshold >= 0 && threshold <= (int64_t(1) << 32), "threshold must be in [0, 2**32]");
   constexpr int64_t kBlock = 1 << 16;
-  constexpr int kRun = 1024;  // hashes computed, then compacted, per pass (8 KiB of L1)
+  constexpr int kRun = 1024;  // positions hashed, then compacted, per pass
   const int64_t blocks = (numel + kBlock - 1) / kBlock;
   const uint32_t ka = static_cast<uint32_t>(key_a), kb = static_cast<uint32_t>(key_b);
-  const uint64_t limit = static_cast<uint64_t>(threshold);
+  if (threshold > 0xFFFFFFFFll) return torch::arange(numel, torch::kInt64);  // density 1: every hash is below
+  const uint32_t limit = static_cast<uint32_t>(threshold);
   std::vector<std::vector<int64_t>> kept(blocks);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    uint32_t h[kRun];
+    uint8_t keep[kRun];
     int64_t idx[kRun];
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t start = b * kBlock, stop = std::min(numel, start + kBlock);
@@ -547,17 +550,24 @@ torch::Tensor seeded_keep(int64_t numel, int64_t key_a, int64_t key_b, int64_t t
         const int n = static_cast<int>(std::min<int64_t>(kRun, stop - run));
 #if defined(__GNUC__) && defined(__x86_64__)
         if (kHashAvx2) {
-          hash_run_avx2(static_cast<uint32_t>(run), n, ka, kb, h);
+          hash_run_avx2(static_cast<uint32_t>(run), n, ka, kb, limit, keep);
         } else {
-          hash_run(static_cast<uint32_t>(run), n, ka, kb, h);
+          hash_run(static_cast<uint32_t>(run), n, ka, kb, limit, keep);
         }
 #else
-        hash_run(static_cast<uint32_t>(run), n, ka, kb, h);
+        hash_run(static_cast<uint32_t>(run), n, ka, kb, limit, keep);
 #endif
+        const int padded = (n + 7) & ~7;
+        std::memset(keep + n, 0, static_cast<size_t>(padded - n));
         int count = 0;
-        for (int j = 0; j < n; ++j) {  // branch-free compaction: any density costs the same
-          idx[count] = run + j;
-          count += static_cast<uint64_t>(h[j]) < limit;
+        for (int j = 0; j < padded; j += 8) {  // eight flags at a time: at low density most words are zero
+          uint64_t word;
+          std::memcpy(&word, keep + j, sizeof word);
+          if (word == 0) continue;
+          for (int k = j; k < j + 8; ++k) {  // branch-free: any density costs the same
+            idx[count] = run + k;
+            count += keep[k];
+          }
         }
         out.insert(out.end(), idx, idx + count);
       }
