@@ -27,17 +27,15 @@ def _native_threads() -> set[int]:
     return {int(p.name) for p in Path("/proc/self/task").iterdir()} - python
 
 
-def _settled(count: Callable[[], int], timeout_s: float = 10.0) -> int:
-    """`count()` once it has stopped falling (a pool's threads exit just after their thread ends)."""
+def _drops_to(count: Callable[[], int], bound: int, timeout_s: float = 10.0) -> int:
+    """`count()` once it is at most `bound` (a pool's threads exit just after their thread ends), or its last
+    value after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
-    last = count()
-    while time.monotonic() < deadline:
-        time.sleep(0.2)
+    now = count()
+    while now > bound and time.monotonic() < deadline:
+        time.sleep(0.05)
         now = count()
-        if now == last:
-            return now
-        last = now
-    return last
+    return now
 
 
 def _parallel_op() -> None:
@@ -76,9 +74,9 @@ def test_an_openmp_pool_started_on_a_fresh_thread_ends_with_it() -> None:
     def caller() -> None:
         before = _native_threads()
         on_fresh_thread(_parallel_op)
-        grown["fresh"] = _settled(lambda: len(_native_threads() - before))
-        _parallel_op()
-        grown["own"] = _settled(lambda: len(_native_threads() - before))
+        grown["fresh"] = _drops_to(lambda: len(_native_threads() - before), 0)
+        _parallel_op()  # the pool's threads exist once the op returns
+        grown["own"] = len(_native_threads() - before)
 
     thread = threading.Thread(target=caller)
     thread.start()
@@ -120,7 +118,7 @@ def test_a_serving_process_keeps_one_openmp_pool_the_workers(tmp_path: Path) -> 
                 "/v1/deltas", files={"file": ("ft-1", fh, "application/octet-stream")}, data={"name": "ft-1"}
             )
             assert r.status_code == 201, r.text
-        grown = _settled(lambda: len(_native_threads() - before))
-        assert grown <= torch.get_num_threads() - 1
+        worker_pool = torch.get_num_threads() - 1
+        assert _drops_to(lambda: len(_native_threads() - before), worker_pool) <= worker_pool
     finally:
         live.stop()
