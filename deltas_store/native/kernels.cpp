@@ -520,11 +520,16 @@ __attribute__((target("avx2"))) void hash_run_avx2(uint32_t start, int n, uint32
                                                     uint8_t* keep) {
   DELTASERVE_HASH_RUN_BODY
 }
-const bool kHashAvx2 = [] {
-  __builtin_cpu_init();  // this may run among other static initialisers
-  return __builtin_cpu_supports("avx2") != 0;
-}();
 #endif
+
+using HashRun = void (*)(uint32_t, int, uint32_t, uint32_t, uint32_t, uint8_t*);
+const HashRun kHashRun = [] {
+#if defined(__GNUC__) && defined(__x86_64__)
+  __builtin_cpu_init();  // this may run among other static initialisers
+  if (__builtin_cpu_supports("avx2")) return HashRun{hash_run_avx2};
+#endif
+  return HashRun{hash_run};
+}();
 
 }  // namespace
 
@@ -548,15 +553,7 @@ torch::Tensor seeded_keep(int64_t numel, int64_t key_a, int64_t key_b, int64_t t
       out.reserve(static_cast<size_t>((stop - start) * (static_cast<double>(limit) / 4294967296.0) * 1.2) + 16);
       for (int64_t run = start; run < stop; run += kRun) {
         const int n = static_cast<int>(std::min<int64_t>(kRun, stop - run));
-#if defined(__GNUC__) && defined(__x86_64__)
-        if (kHashAvx2) {
-          hash_run_avx2(static_cast<uint32_t>(run), n, ka, kb, limit, keep);
-        } else {
-          hash_run(static_cast<uint32_t>(run), n, ka, kb, limit, keep);
-        }
-#else
-        hash_run(static_cast<uint32_t>(run), n, ka, kb, limit, keep);
-#endif
+        kHashRun(static_cast<uint32_t>(run), n, ka, kb, limit, keep);
         const int padded = (n + 7) & ~7;
         std::memset(keep + n, 0, static_cast<size_t>(padded - n));
         int count = 0;
@@ -564,7 +561,7 @@ torch::Tensor seeded_keep(int64_t numel, int64_t key_a, int64_t key_b, int64_t t
           uint64_t word;
           std::memcpy(&word, keep + j, sizeof word);
           if (word == 0) continue;
-          for (int k = j; k < j + 8; ++k) {  // branch-free: any density costs the same
+          for (int k = j; k < j + 8; ++k) {  // branch-free within a word, whatever the density
             idx[count] = run + k;
             count += keep[k];
           }
